@@ -1,0 +1,23 @@
+# CPU demo: tiny random backbones on the synthetic shapes dataset, about a minute.
+# python prepare_llava.py --synthetic=2000 && python train.py config/stage1_tiny.py
+out_dir = 'out-tiny'
+data_dir = 'data/synthetic/prepared'
+vision = 'tiny'
+llm = 'tiny'
+n_latents = 16
+resampler_width = 64
+resampler_depth = 1
+resampler_heads = 4
+proj_hidden = 256
+batch_size = 16
+gradient_accumulation_steps = 1
+max_seq_len = 128
+multi_image_frac = 0.02
+num_workers = 0
+learning_rate = 3e-3
+warmup_frac = 0.05
+max_iters = 300
+eval_interval = 100
+eval_iters = 8
+log_interval = 25
+device = 'cpu'

@@ -1,0 +1,553 @@
+"""
+The model: a frozen vision tower and a frozen causal LLM joined by a small trainable
+connector (optional LayerNorm -> Perceiver resampler -> MLP projector).
+
+Read top to bottom:
+1) backbone specs and the tiny preset (a tokenizer built in code, tiny configs),
+2) the connector (the only trainable part),
+3) the VLM glue: encode images, splice connector outputs into the slot positions of
+   inputs_embeds, caption-only loss, batched generation,
+4) builders (hub id / local dir with real weights, `random:` from config, `tiny`),
+   checkpoint loading and connector export.
+"""
+import contextlib
+import json
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Backbone specs. A backbone is named by one string:
+#   'Qwen/Qwen3-8B-Base' or '/path/to/dir'   real weights (hub id or local directory)
+#   'random:Qwen/Qwen3-8B-Base'               the known architecture with random weights (no download)
+#   'random:/path/to/dir'                     architecture from a local config.json, random weights
+#   'tiny'                                    a few layers, small widths (CPU demo and tests)
+
+DEFAULT_LLM = 'Qwen/Qwen3-8B-Base'
+DEFAULT_VISION = 'google/siglip-so400m-patch14-384'
+
+# The architectures of the two defaults are public facts; writing them here lets a
+# full-size model be built (meta device for counting, GPU for benchmarks) with no download.
+KNOWN_CONFIGS = {
+    'Qwen/Qwen3-8B-Base': dict(
+        model_type='qwen3', vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+        num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+        max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, hidden_act='silu', attention_bias=False,
+        bos_token_id=151643, eos_token_id=151643),
+    'google/siglip-so400m-patch14-384': dict(
+        model_type='siglip_vision_model', hidden_size=1152, intermediate_size=4304,
+        num_hidden_layers=27, num_attention_heads=16, image_size=384, patch_size=14),
+}
+KNOWN_IMAGE_SPECS = {
+    # from the model's preprocessor_config.json: resize straight to 384x384, bicubic, mean/std 0.5
+    'google/siglip-so400m-patch14-384': dict(size=384, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resample=3),
+}
+
+# The tiny preset: big enough to learn the synthetic captions on a CPU in about a minute.
+# The LLM is initialised wider than transformers' default (0.1 instead of 0.02): at 0.02 a
+# random model's logits span a fraction of a nat, so no input could make it predict a caption
+# confidently; a pretrained LLM's logits span tens of nats, and 0.1 gives the tiny one that range.
+TINY_VISION = dict(model_type='siglip_vision_model', hidden_size=64, intermediate_size=128,
+                   num_hidden_layers=3, num_attention_heads=4, image_size=48, patch_size=8)
+TINY_LLM = dict(model_type='qwen3', hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                max_position_embeddings=2048, tie_word_embeddings=False, rms_norm_eps=1e-6, initializer_range=0.1)
+
+# Tokens the prompt builder needs. Qwen's tokenizer has all of them; the tiny one copies them
+# so the same code path runs on both. Slots reuse an existing token id: the LLM's embedding
+# table is frozen, so a new token could never learn an embedding (and it is overwritten anyway).
+EOS_TOKEN = '<|endoftext|>'
+SLOT_TOKEN = '<|image_pad|>'
+VISION_START, VISION_END = '<|vision_start|>', '<|vision_end|>'
+
+# Every word of the synthetic dataset, the prompt templates and the QA set, so that the
+# tiny tokenizer has no unknowns on the demo data. Anything else maps to [UNK].
+TINY_WORDS = """
+a an the one two three four five image images picture photo of in on at and with there is are
+red green blue yellow purple orange white black pink brown gray grey cyan
+circle circles square squares triangle triangles diamond diamonds star stars cross crosses
+small large big top bottom left right center middle corner upper lower background
+describe each order sentence per what color colour shape how many
+1 2 3 4 5 6 7 8 9 0
+""".split() + ['.', ',', ':', '?', '!', '-', "'", '"', '(', ')', '/', '\n']
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer built in code: no download, a few hundred ids, same API as Qwen's."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    specials = [EOS_TOKEN, SLOT_TOKEN, VISION_START, VISION_END, '[UNK]']
+    vocab = {}
+    for w in specials + TINY_WORDS:
+        vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token='[UNK]'))
+    tk.normalizer = normalizers.Lowercase()
+    # words, single punctuation marks and newlines are tokens; other whitespace separates them
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"\w+|[^\w\s]|\n"), behavior='removed', invert=True)
+    tk.decoder = decoders.WordPiece(prefix='##', cleanup=True)  # joins with spaces, no space before '.'
+    tk.add_special_tokens([AddedToken(t, special=True) for t in specials[:4]])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN,
+                                  unk_token='[UNK]')
+    tok.name_or_path = 'tiny'
+    return tok
+
+
+def load_tokenizer(name):
+    """'tiny', a hub id or a local dir. `random:X` uses X's tokenizer."""
+    if name == 'tiny':
+        return tiny_tokenizer()
+    name = name.removeprefix('random:')
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: cannot load tokenizer '{name}' ({type(e).__name__}): not a local dir and "
+                         f"not downloadable; run `huggingface-cli download {name}` on a connected machine "
+                         f"or pass a local directory") from None
+
+
+def special_ids(tok):
+    """eos / slot / bracket ids of a tokenizer, checked to be single existing tokens."""
+    ids = {}
+    for key, t in (('eos', EOS_TOKEN), ('slot', SLOT_TOKEN), ('vision_start', VISION_START), ('vision_end', VISION_END)):
+        i = tok.convert_tokens_to_ids(t)
+        if i is None or i == tok.unk_token_id:
+            raise SystemExit(f"error: tokenizer '{tok.name_or_path}' has no token {t}; use a Qwen-family "
+                             f"tokenizer or the 'tiny' one")
+        ids[key] = int(i)
+    return ids
+
+# -----------------------------------------------------------------------------
+# The connector
+
+
+class ResamplerBlock(nn.Module):
+    """Pre-norm Perceiver block: latents attend over concat(patches, latents), then an MLP."""
+
+    def __init__(self, width, n_heads, mlp_ratio):
+        super().__init__()
+        assert width % n_heads == 0, f'resampler width {width} not divisible by heads {n_heads}'
+        self.n_heads = n_heads
+        self.norm_latents = nn.LayerNorm(width)
+        self.norm_context = nn.LayerNorm(width)
+        self.q = nn.Linear(width, width, bias=False)
+        self.kv = nn.Linear(width, 2 * width, bias=False)
+        self.o = nn.Linear(width, width, bias=False)
+        self.norm_mlp = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
+
+    def forward(self, x, context):
+        M, N, D = x.shape
+        h = self.norm_latents(x)
+        # Flamingo/Idefics2: keys and values also include the latents, so they can pass
+        # information among themselves, not only read the patches.
+        kv_in = torch.cat([self.norm_context(context), h], dim=1)
+        q = self.q(h).view(M, N, self.n_heads, -1).transpose(1, 2)
+        k, v = self.kv(kv_in).view(M, kv_in.shape[1], 2, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v)
+        x = x + self.o(a.transpose(1, 2).reshape(M, N, D))
+        return x + self.mlp(self.norm_mlp(x))
+
+
+class Connector(nn.Module):
+    """[M, P, vision_dim] patch features -> [M, n_latents, llm_dim] LLM input vectors."""
+
+    def __init__(self, vision_dim, llm_dim, n_latents=64, width=1024, depth=2, n_heads=16, mlp_ratio=4,
+                 proj_hidden=4096, dropout=0.0, vision_ln=True, out_rms=None):
+        super().__init__()
+        self.args = dict(vision_dim=vision_dim, llm_dim=llm_dim, n_latents=n_latents, width=width, depth=depth,
+                         n_heads=n_heads, mlp_ratio=mlp_ratio, proj_hidden=proj_hidden, dropout=dropout,
+                         vision_ln=vision_ln, out_rms=out_rms)
+        self.vision_ln = nn.LayerNorm(vision_dim) if vision_ln else nn.Identity()
+        self.proj_in = nn.Linear(vision_dim, width)
+        self.latents = nn.Parameter(torch.randn(n_latents, width) * 0.02)
+        self.blocks = nn.ModuleList([ResamplerBlock(width, n_heads, mlp_ratio) for _ in range(depth)])
+        self.norm_out = nn.LayerNorm(width)
+        self.projector = nn.Sequential(nn.Linear(width, proj_hidden), nn.GELU(), nn.Dropout(dropout),
+                                       nn.Linear(proj_hidden, llm_dim))
+        # Scale matching: the LLM only ever saw inputs of its embedding table's size. A
+        # projector that emits vectors 10-100x larger (the default init does) saturates the
+        # first attention layers and stalls alignment, so when out_rms is given the output is
+        # RMS-normalised and multiplied by a learnable gain that starts at the mean RMS of
+        # the LLM's token embeddings.
+        self.out_gain = nn.Parameter(torch.full((llm_dim,), float(out_rms))) if out_rms else None
+
+    def forward(self, feats):
+        ctx = self.proj_in(self.vision_ln(feats))
+        x = self.latents.to(ctx.dtype).expand(feats.shape[0], -1, -1)
+        for block in self.blocks:
+            x = block(x, ctx)
+        y = self.projector(self.norm_out(x))
+        if self.out_gain is not None:
+            y = F.rms_norm(y, (y.shape[-1],)) * self.out_gain
+        return y
+
+# -----------------------------------------------------------------------------
+# The VLM: frozen backbones + connector
+
+
+class VLM(nn.Module):
+
+    def __init__(self, vision, llm, connector, slot_id, eos_id, image_spec, drop_cls=False):
+        super().__init__()
+        self.vision, self.llm, self.connector = vision, llm, connector
+        self.slot_id, self.eos_id, self.image_spec, self.drop_cls = slot_id, eos_id, image_spec, drop_cls
+        self.register_buffer('pix_mean', torch.tensor(image_spec['mean']).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer('pix_std', torch.tensor(image_spec['std']).view(1, 3, 1, 1) * 255, persistent=False)
+
+    def train(self, mode=True):
+        # the backbones stay in eval mode whatever the caller does (no dropout in frozen parts)
+        super().train(mode)
+        self.vision.eval()
+        self.llm.eval()
+        return self
+
+    def encode_images(self, images):
+        """uint8 [M, 3, H, W] -> patch features [M, P, Dv]. Normalising here, on the device,
+        keeps the host->device copy 4x smaller than float pixels."""
+        dtype = next(self.vision.parameters()).dtype
+        x = ((images.float() - self.pix_mean) / self.pix_std).to(dtype)
+        with torch.no_grad():
+            feats = self.vision(pixel_values=x).last_hidden_state
+        return feats[:, 1:] if self.drop_cls else feats
+
+    def embed(self, images, input_ids):
+        """inputs_embeds with the slots overwritten by the connector's outputs.
+        masked_scatter fills slots in row-major order: batch row, then position; the
+        collator orders `images` the same way, so the k-th <image> of a row gets that
+        row's k-th image with no Python loop."""
+        emb = self.llm.get_input_embeddings()(input_ids)
+        if images is None or images.shape[0] == 0:
+            return emb
+        vis = self.connector(self.encode_images(images))
+        slots = (input_ids == self.slot_id).unsqueeze(-1)
+        return emb.masked_scatter(slots, vis.to(emb.dtype))
+
+    def hidden_states(self, images, input_ids, position_ids=None, attention_mask=None):
+        emb = self.embed(images, input_ids)
+        # use_cache=False matters: with a cache, transformers ignores the restarts in
+        # position_ids and packed samples would attend to each other.
+        out = self.llm.get_decoder()(inputs_embeds=emb, position_ids=position_ids,
+                                     attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state
+
+    def forward(self, images, input_ids, target_pos, target_ids, position_ids=None, attention_mask=None):
+        """Mean cross-entropy over the caption tokens only.
+        target_pos: flat indices into [B*T] of the positions whose *next* token is a label;
+        target_ids: those labels. lm_head runs on these rows only: [K, vocab] logits
+        instead of [B, T, vocab] (vocab is 151,936 for Qwen3)."""
+        h = self.hidden_states(images, input_ids, position_ids, attention_mask)
+        h = h.reshape(-1, h.shape[-1]).index_select(0, target_pos)
+        logits = self.llm.get_output_embeddings()(h).float()
+        return F.cross_entropy(logits, target_ids)
+
+    @torch.no_grad()
+    def generate(self, images, prompts, max_new_tokens=64, temperature=0.0, top_p=1.0, generator=None):
+        """Batched generation from inputs_embeds. prompts: list of token-id lists (slots
+        included); images ordered as in training. Prompts are left-padded so they all end
+        at the same position. Returns one list of new token ids per prompt, eos excluded."""
+        device = self.pix_mean.device
+        B, L = len(prompts), max(len(p) for p in prompts)
+        ids = torch.full((B, L), self.eos_id, dtype=torch.long)
+        mask = torch.zeros((B, L), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, L - len(p):] = torch.tensor(p)
+            mask[i, L - len(p):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        n_slots = int((ids == self.slot_id).sum())
+        n_vis = 0 if images is None else images.shape[0] * self.connector.args['n_latents']
+        if n_slots != n_vis:
+            raise ValueError(f'{n_slots} slot positions but {n_vis} image vectors')
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.llm(inputs_embeds=self.embed(images, ids), attention_mask=mask, position_ids=pos,
+                       use_cache=True, logits_to_keep=1)
+        # transformers >= 5.24 names the KV cache `cache`; earlier releases `past_key_values`
+        cache_key = 'cache' if 'cache' in out else 'past_key_values'
+        past, logits = out[cache_key], out.logits[:, -1]
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        new = []
+        for _ in range(max_new_tokens):
+            nxt = sample_next(logits.float(), temperature, top_p, generator)
+            nxt = torch.where(done, torch.full_like(nxt, self.eos_id), nxt)
+            new.append(nxt)
+            done |= nxt == self.eos_id
+            if bool(done.all()):
+                break
+            mask = torch.cat([mask, (~done).long()[:, None]], dim=1)
+            pos = pos[:, -1:] + 1
+            out = self.llm(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
+                           **{cache_key: past})
+            past, logits = out[cache_key], out.logits[:, -1]
+        toks = torch.stack(new, 1).tolist() if new else [[] for _ in range(B)]
+        return [t[:t.index(self.eos_id)] if self.eos_id in t else t for t in toks]
+
+
+def sample_next(logits, temperature, top_p, generator=None):
+    """Greedy when temperature == 0, else temperature + nucleus (top_p) sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sp, si = probs.sort(-1, descending=True)
+        keep = sp.cumsum(-1) - sp < top_p  # always keeps the most likely token
+        sp = sp * keep
+        probs = torch.zeros_like(probs).scatter(-1, si, sp)
+    if generator is not None and generator.device != probs.device:
+        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+# -----------------------------------------------------------------------------
+# Builders
+
+
+def _config(name, known, tiny):
+    from transformers import AutoConfig
+    if name == 'tiny':
+        d = dict(tiny)
+    else:
+        name = name.removeprefix('random:')
+        if name in known:
+            d = dict(known[name])
+        else:
+            try:
+                return AutoConfig.from_pretrained(name)
+            except (OSError, ValueError) as e:
+                raise SystemExit(f"error: no config for '{name}' ({type(e).__name__}): give a local dir with "
+                                 f"config.json or one of {sorted(known)}") from None
+    return AutoConfig.for_model(d.pop('model_type'), **d)
+
+
+def _from_pretrained(cls, name, what, **kw):
+    try:
+        return cls.from_pretrained(name, **kw)
+    except OSError as e:
+        raise SystemExit(f"error: cannot load {what} '{name}': not in the local Hugging Face cache and not "
+                         f"downloadable ({str(e).splitlines()[0][:120]}); run `huggingface-cli download {name}` "
+                         f"on a connected machine, or set {what}=/path/to/local/dir, or {what}='random:{name}' "
+                         f"for random weights") from None
+
+
+@contextlib.contextmanager
+def seeded(device, seed=0):
+    """Random backbones are drawn from a fixed seed: a checkpoint trained on 'tiny' or
+    'random:...' backbones only means something with the very same frozen weights, so
+    sample.py and resume must rebuild them identically."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def build_llm(name, dtype=torch.float32, device='cpu', attn_implementation='sdpa', vocab_size=None):
+    from transformers import AutoModelForCausalLM
+    if name == 'tiny' or name.startswith('random:'):
+        cfg = _config(name, KNOWN_CONFIGS, TINY_LLM)
+        if name == 'tiny':
+            cfg.vocab_size = vocab_size or 256
+        cfg._attn_implementation = attn_implementation
+        with seeded(device), torch.device(device):
+            llm = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    else:
+        llm = _from_pretrained(AutoModelForCausalLM, name, 'llm', dtype=dtype,
+                               attn_implementation=attn_implementation).to(device)
+    return llm.eval().requires_grad_(False)
+
+
+def build_vision(name, dtype=torch.float32, device='cpu', attn_implementation='sdpa'):
+    from transformers import AutoModel
+    if name == 'tiny' or name.startswith('random:'):
+        cfg = _config(name, KNOWN_CONFIGS, TINY_VISION)
+        cfg = getattr(cfg, 'vision_config', cfg)  # a full SigLIP/CLIP config: keep the vision half
+        cfg._attn_implementation = attn_implementation
+        with seeded(device), torch.device(device):
+            vision = AutoModel.from_config(cfg, dtype=dtype)
+    else:
+        from transformers import AutoConfig
+        cfg = _from_pretrained(AutoConfig, name, 'vision')
+        cfg = getattr(cfg, 'vision_config', cfg)
+        # from a full SigLIP/CLIP checkpoint, load only the vision tower's weights
+        cls = AutoModel._model_mapping[type(cfg)]
+        vision = _from_pretrained(cls, name, 'vision', dtype=dtype,
+                                  attn_implementation=attn_implementation).to(device)
+    return vision.eval().requires_grad_(False)
+
+
+def truncate_vision(vision, feature_layer):
+    """Keep only the layers up to `feature_layer` (-2 = penultimate, as LLaVA does) and drop
+    the final norm and pooling head, so last_hidden_state *is* that layer's output and no
+    compute is spent on layers whose output is thrown away."""
+    root = getattr(vision, 'vision_model', vision)
+    layers = root.encoder.layers
+    n = len(layers)
+    keep = n + 1 + feature_layer if feature_layer < 0 else feature_layer
+    if not 1 <= keep <= n:
+        raise SystemExit(f'error: vision_feature_layer={feature_layer} out of range for a {n}-layer tower')
+    root.encoder.layers = layers[:keep]
+    if hasattr(root, 'post_layernorm'):
+        root.post_layernorm = nn.Identity()
+    if getattr(root, 'head', None) is not None:
+        root.head, root.use_head = None, False
+    return vision
+
+
+def image_spec(name, vision_cfg):
+    """size / mean / std / resample the vision tower was trained with."""
+    base = name.removeprefix('random:')
+    if name == 'tiny':
+        return dict(size=vision_cfg.image_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resample=3)
+    if base in KNOWN_IMAGE_SPECS:
+        return dict(KNOWN_IMAGE_SPECS[base])
+    try:
+        from transformers import AutoImageProcessor
+        p = AutoImageProcessor.from_pretrained(base)
+        size = p.size.get('height') or p.size.get('shortest_edge')
+        return dict(size=int(size), mean=tuple(p.image_mean), std=tuple(p.image_std), resample=int(p.resample))
+    except Exception:  # no processor file: fall back to the config's size and SigLIP's normalisation
+        return dict(size=vision_cfg.image_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resample=3)
+
+
+def embedding_rms(llm):
+    w = llm.get_input_embeddings().weight
+    if w.device.type == 'meta':
+        return 0.02
+    return float(torch.linalg.vector_norm(w, dtype=torch.float32) / math.sqrt(w.numel()))
+
+
+def build_vlm(args, tokenizer, device='cpu', dtype=torch.float32, connector_state=None):
+    """args: the model keys of the training config (see MODEL_KEYS). The connector is
+    fp32 (its optimizer needs fp32 master weights); backbones take `dtype`."""
+    ids = special_ids(tokenizer)
+    vision = build_vision(args['vision'], dtype, device, args.get('attn_implementation', 'sdpa'))
+    spec = image_spec(args['vision'], vision.config)
+    truncate_vision(vision, args['vision_feature_layer'])
+    llm = build_llm(args['llm'], dtype, device, args.get('attn_implementation', 'sdpa'), vocab_size=len(tokenizer))
+    if llm.get_input_embeddings().num_embeddings < len(tokenizer):
+        raise SystemExit(f"error: tokenizer '{tokenizer.name_or_path}' has {len(tokenizer)} ids but the LLM's "
+                         f"vocabulary has {llm.get_input_embeddings().num_embeddings}: prepare the data with "
+                         f"the LLM's tokenizer")
+    out_rms = connector_state['out_gain'].float().mean().item() if connector_state is not None and \
+        'out_gain' in connector_state else (embedding_rms(llm) if args['match_embed_scale'] else None)
+    with torch.device(device):
+        connector = Connector(vision.config.hidden_size, llm.config.hidden_size, n_latents=args['n_latents'],
+                              width=args['resampler_width'], depth=args['resampler_depth'],
+                              n_heads=args['resampler_heads'], mlp_ratio=args['resampler_mlp_ratio'],
+                              proj_hidden=args['proj_hidden'], dropout=args['proj_dropout'],
+                              vision_ln=args['vision_ln'], out_rms=out_rms)
+    if connector_state is not None:
+        load_connector(connector, connector_state)
+    drop_cls = vision.config.model_type.startswith('clip')  # CLIP prepends a CLS token; LLaVA drops it
+    return VLM(vision, llm, connector, ids['slot'], ids['eos'], spec, drop_cls).to(device)
+
+
+# The config keys that define the model; saved in checkpoints so sample.py can rebuild it.
+MODEL_KEYS = ('vision', 'llm', 'tokenizer', 'vision_feature_layer', 'n_latents', 'resampler_width',
+              'resampler_depth', 'resampler_heads', 'resampler_mlp_ratio', 'proj_hidden', 'proj_dropout',
+              'vision_ln', 'match_embed_scale', 'image_brackets')
+
+
+def load_connector(connector, state):
+    """Load connector weights, or say in one line why they do not fit."""
+    own = connector.state_dict()
+    bad = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
+           for k, v in state.items() if k in own and own[k].shape != v.shape]
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if bad or missing or extra:
+        what = '; '.join(bad[:2] + ([f'missing {missing[:3]}'] if missing else []) +
+                         ([f'unexpected {extra[:3]}'] if extra else []))
+        raise SystemExit(f'error: checkpoint does not fit this connector/backbone config ({what}); use the '
+                         f'config it was trained with')
+    connector.load_state_dict(state)
+
+
+def load_checkpoint(path, map_location='cpu'):
+    """torch.load with weights_only=True and a one-line error for missing/corrupt files."""
+    if not os.path.exists(path):
+        raise SystemExit(f'error: no checkpoint at {path}')
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise SystemExit(f'error: checkpoint {path} is unreadable ({type(e).__name__}: '
+                         f'{str(e).splitlines()[0][:100]}); it is corrupt or truncated - use another '
+                         f'checkpoint (e.g. ckpt_best.pt) from the same out_dir') from None
+
+
+def from_checkpoint(path, device='cpu', dtype=torch.float32):
+    """(model, tokenizer, ckpt) from a training checkpoint or an exported connector dir."""
+    if os.path.isdir(path):
+        from safetensors.torch import load_file
+        with open(os.path.join(path, 'connector_config.json')) as f:
+            args = json.load(f)
+        state = load_file(os.path.join(path, 'connector.safetensors'))
+        ckpt = dict(model_args=args)
+    else:
+        ckpt = load_checkpoint(path)
+        args, state = ckpt['model_args'], ckpt['connector']
+    tok = load_tokenizer(args['tokenizer'])
+    model = build_vlm(args, tok, device, dtype, connector_state=state)
+    return model.eval(), tok, ckpt
+
+
+def export_connector(ckpt_path, out_dir):
+    """Connector weights as safetensors + a JSON of the model config: the artifact to share."""
+    from safetensors.torch import save_file
+    ckpt = load_checkpoint(ckpt_path)
+    os.makedirs(out_dir, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in ckpt['connector'].items()}, os.path.join(out_dir, 'connector.safetensors'))
+    with open(os.path.join(out_dir, 'connector_config.json'), 'w') as f:
+        json.dump(ckpt['model_args'], f, indent=2)
+    return out_dir
+
+
+def count_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+# -----------------------------------------------------------------------------
+# FLOPs, for MFU. Counted from the shapes actually run (matmuls only; norms and
+# activations are noise). The frozen backbones get no weight gradients, so the LLM costs
+# forward + input-gradient backward = 2x its forward, not the usual 3x; the vision tower
+# runs forward only; the connector trains, so it costs the usual 3x.
+
+
+def _decoder_matmul_params(cfg):
+    d, hd = cfg.hidden_size, getattr(cfg, 'head_dim', None) or cfg.hidden_size // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * hd, getattr(cfg, 'num_key_value_heads', cfg.num_attention_heads) * hd
+    return d * q + 2 * d * kv + q * d + (3 if cfg.model_type != 'siglip_vision_model' and
+                                          'clip' not in cfg.model_type else 2) * d * cfg.intermediate_size
+
+
+def flops_per_batch(model, n_images, sample_lens, n_targets):
+    """sample_lens: token length of each sample (packed or not, attention is per sample)."""
+    lc, vc, ca = model.llm.config, model.vision.config, model.connector.args
+    n_tok = sum(sample_lens)
+    # LLM: forward + input-gradient backward
+    attn = 2 * lc.num_hidden_layers * lc.num_attention_heads * (getattr(lc, 'head_dim', None) or
+                                                               lc.hidden_size // lc.num_attention_heads)
+    llm_fwd = 2 * lc.num_hidden_layers * _decoder_matmul_params(lc) * n_tok \
+        + attn * sum(t * t for t in sample_lens)  # QK^T and AV, causal: half of 2*2*T^2*d each layer
+    llm_fwd += 2 * lc.hidden_size * lc.vocab_size * n_targets  # lm_head on caption positions only
+    # vision tower: forward only, the layers we kept
+    root = getattr(model.vision, 'vision_model', model.vision)
+    n_layers_v, P = len(root.encoder.layers), (vc.image_size // vc.patch_size) ** 2
+    vis = n_images * (2 * n_layers_v * _decoder_matmul_params(vc) * P + 4 * n_layers_v * vc.hidden_size * P * P
+                      + 2 * 3 * vc.patch_size ** 2 * vc.hidden_size * P)
+    # connector: forward + full backward
+    N, w, Dv = ca['n_latents'], ca['width'], ca['vision_dim']
+    blk = 2 * N * (w * w * 2 + 2 * ca['mlp_ratio'] * w * w) + 2 * (P + N) * 2 * w * w + 4 * N * (P + N) * w
+    con = n_images * (2 * P * Dv * w + ca['depth'] * blk + 2 * N * (w * ca['proj_hidden'] + ca['proj_hidden'] * ca['llm_dim']))
+    return 2 * llm_fwd + vis + 3 * con
+
+
+# bf16 dense peak FLOP/s by device name; an unknown device gets no MFU rather than a wrong one
+PEAK_BF16 = [('H200', 989e12), ('H100 NVL', 835e12), ('H100 PCIe', 756e12), ('H100', 989e12), ('GH200', 989e12),
+             ('B200', 2250e12), ('A100', 312e12), ('L40S', 362e12), ('A10G', 70e12), ('RTX 4090', 165e12)]
+
+
+def peak_flops(device):
+    if device.type != 'cuda':
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((p for key, p in PEAK_BF16 if key in name), None)
