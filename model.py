@@ -48,14 +48,14 @@ KNOWN_IMAGE_SPECS = {
 }
 
 # The tiny preset: big enough to learn the synthetic captions on a CPU in about a minute.
-# The LLM is initialised wider than transformers' default (0.1 instead of 0.02): at 0.02 a
+# The LLM is initialised wider than transformers' default (0.2 instead of 0.02): at 0.02 a
 # random model's logits span a fraction of a nat, so no input could make it predict a caption
-# confidently; a pretrained LLM's logits span tens of nats, and 0.1 gives the tiny one that range.
+# confidently; a pretrained LLM's logits span tens of nats, and 0.2 gives the tiny one that range.
 TINY_VISION = dict(model_type='siglip_vision_model', hidden_size=64, intermediate_size=128,
                    num_hidden_layers=3, num_attention_heads=4, image_size=48, patch_size=8)
 TINY_LLM = dict(model_type='qwen3', hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                max_position_embeddings=2048, tie_word_embeddings=False, rms_norm_eps=1e-6, initializer_range=0.1)
+                max_position_embeddings=2048, tie_word_embeddings=False, rms_norm_eps=1e-6, initializer_range=0.2)
 
 # Tokens the prompt builder needs. Qwen's tokenizer has all of them; the tiny one copies them
 # so the same code path runs on both. Slots reuse an existing token id: the LLM's embedding
@@ -521,7 +521,7 @@ def _decoder_matmul_params(cfg):
 
 def flops_per_batch(model, n_images, sample_lens, n_targets):
     """sample_lens: token length of each sample (packed or not, attention is per sample)."""
-    lc, vc, ca = model.llm.config, model.vision.config, model.connector.args
+    lc, vc, ca = model.llm.config, model.vision.config, getattr(model.connector, 'module', model.connector).args  # DDP wraps it
     n_tok = sum(sample_lens)
     # LLM: forward + input-gradient backward
     attn = 2 * lc.num_hidden_layers * lc.num_attention_heads * (getattr(lc, 'head_dim', None) or

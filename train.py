@@ -16,7 +16,7 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 import data
 import model as M
+import sample
 from configurator import configure
 
 # -----------------------------------------------------------------------------
@@ -54,6 +55,7 @@ multi_image_frac = 0.02  # fraction of samples that mix two captions into Templa
 group_by_length = True
 packing = False
 num_workers = 4
+max_train_samples = 0  # > 0: train on the first N samples only (trial runs)
 # optimizer and schedule
 learning_rate = 1e-4
 weight_decay = 0.01  # matrices only; norms, biases, latents, gains get 0
@@ -67,6 +69,8 @@ min_lr_frac = 0.1  # cosine decays to this fraction of the peak
 eval_interval = 500
 eval_iters = 50  # val batches per eval (0: the whole val split)
 log_interval = 10
+sample_interval = 1000  # golden-set captions -> out_dir/samples.jsonl (0: never)
+eval_report_num = 200  # at the end: evaluation report on this many val samples (0: no report)
 always_save_checkpoint = True  # ckpt.pt at every eval; ckpt_best.pt when val improves
 max_nonfinite = 5  # consecutive non-finite steps before the run stops
 wandb_log = False
@@ -176,6 +180,8 @@ builder = data.SampleBuilder(tok, n_latents, meta['slot_id'], meta['eos_id'], br
 spec = vlm.image_spec
 train_ds = data.CaptionDataset(prepared, 'train', builder, spec['size'], spec['resample'])
 val_ds = data.CaptionDataset(prepared, 'val', builder, spec['size'], spec['resample'])
+if max_train_samples > 0:
+    train_ds.index = train_ds.index[:max_train_samples]
 steps_per_epoch = len(train_ds) // (batch_size * gradient_accumulation_steps)
 if max_iters < 0:
     max_iters = max(1, int(epochs * steps_per_epoch))
@@ -192,11 +198,12 @@ def get_lr(it):
 
 # -----------------------------------------------------------------------------
 # state: fresh, or exactly where the checkpoint left off
-iter_num, micro_pos, best_val_loss, nonfinite_total = 0, 0, float('inf'), 0
+iter_num, micro_pos, best_val_loss, nonfinite_total, last_eval_iter = 0, 0, float('inf'), 0, -1
 if ckpt:
     optimizer.load_state_dict(ckpt['optimizer'])
     iter_num, micro_pos, best_val_loss = ckpt['iter_num'], ckpt['micro_pos'], ckpt['best_val_loss']
     nonfinite_total = ckpt.get('nonfinite_total', 0)
+    last_eval_iter = ckpt.get('last_eval_iter', -1)
     torch.set_rng_state(ckpt['rng'][min(rank, len(ckpt['rng']) - 1)])
     log(f'resumed from {ckpt_path} at iter {iter_num}')
     del ckpt
@@ -243,7 +250,7 @@ def save_checkpoint(path, rng):
     """Atomic: write a temp file, fsync, rename. A crash mid-write leaves the old file intact."""
     ckpt = dict(version=1, connector=connector.state_dict(), optimizer=optimizer.state_dict(),
                 model_args=model_args, config=config, iter_num=iter_num, micro_pos=micro_pos,
-                best_val_loss=best_val_loss, nonfinite_total=nonfinite_total, rng=rng)
+                best_val_loss=best_val_loss, nonfinite_total=nonfinite_total, last_eval_iter=last_eval_iter, rng=rng)
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     tmp = path + '.tmp'
     with open(tmp, 'wb') as f:
@@ -292,6 +299,34 @@ def write_log(rec):
             wandb.log(rec, step=rec['iter'])
 
 
+@contextmanager
+def raw_connector():
+    """Generation runs on rank 0 only, so it must not go through the DDP wrapper."""
+    wrapped = vlm.connector
+    vlm.connector = connector
+    vlm.eval()
+    try:
+        yield
+    finally:
+        vlm.connector = wrapped
+        vlm.train()
+
+
+def sample_golden():
+    """Greedy captions for the golden val samples, appended to samples.jsonl."""
+    golden = [i for i in meta.get('golden', []) if i < len(val_ds)]
+    if not golden:
+        return
+    with raw_connector():
+        rows = sample.caption_split(vlm, tok, val_ds, golden, val_ds.reader, 0.0, 1.0, 64, None, batch_size)
+    with open(os.path.join(out_dir, 'samples.jsonl'), 'a') as f:
+        for r in rows:
+            f.write(json.dumps(dict(iter=iter_num, id=r['id'], generation=r['generation'],
+                                    reference=r['references'][0])) + '\n')
+    for r in rows[:2]:
+        log(f'  sample {r["id"]}: {r["generation"]!r}  (ref: {r["references"][0]!r})')
+
+
 # -----------------------------------------------------------------------------
 # the loop
 vlm.train()
@@ -299,9 +334,12 @@ consecutive_nonfinite = 0
 bench = dict(t=[], samples=0, tokens=0, flops=0.0)
 t_start, it_start = time.time(), iter_num
 while True:
-    resumed_here = init_from == 'resume' and iter_num == it_start  # evaluated just before the save
+    # a checkpoint written right after an eval resumes without redoing it; a preemption
+    # checkpoint (written before its step's eval) does not
+    resumed_here = iter_num == last_eval_iter
     if (iter_num % eval_interval == 0 or iter_num >= max_iters) and not bench_iters and not resumed_here:
         val_loss = estimate_loss() if len(val_ds) else float('nan')
+        last_eval_iter = iter_num
         improved = val_loss < best_val_loss
         best_val_loss = min(best_val_loss, val_loss)
         log(f'eval {iter_num}: val loss {val_loss:.4f} | caption ppl {math.exp(min(val_loss, 50)):.2f}'
@@ -312,6 +350,9 @@ while True:
             if improved and master:
                 shutil.copyfile(ckpt_path, ckpt_path + '.best.tmp')
                 os.replace(ckpt_path + '.best.tmp', os.path.join(out_dir, 'ckpt_best.pt'))
+    if sample_interval and iter_num % sample_interval == 0 and iter_num > 0 and master and not bench_iters \
+            and not resumed_here:
+        sample_golden()
     if iter_num >= max_iters:
         break
 
@@ -361,6 +402,9 @@ while True:
     iter_num += 1
 
     if iter_num % log_interval == 0 or iter_num == max_iters or bench_iters:
+        if ddp:  # the mean over ranks, not rank 0's share
+            dist.all_reduce(loss_sum)  # gloo has no AVG
+            loss_sum /= world_size
         lossf = loss_sum.item() / accum  # the sync point: only on log steps
         if device.type == 'cuda':
             torch.cuda.synchronize()
@@ -403,5 +447,11 @@ while True:
             f'resume with --init_from=resume')
         break
 
+# the evaluation report of the final connector (rank 0; the others are done)
+if master and eval_report_num and iter_num >= max_iters and not bench_iters and stop_signal is None:
+    with raw_connector():
+        m = sample.evaluate(vlm, tok, model_args, prepared, os.path.join(out_dir, 'report'), eval_report_num,
+                            batch_size=batch_size)
+    log(f'report: {sample.summary_line(m)} -> {out_dir}/report/report.md')
 if ddp:
     dist.destroy_process_group()
