@@ -450,7 +450,8 @@ while True:
 # the evaluation report of the final connector (rank 0; the others are done)
 if master and eval_report_num and iter_num >= max_iters and not bench_iters and stop_signal is None:
     with raw_connector():
-        m = sample.evaluate(vlm, tok, model_args, prepared, os.path.join(out_dir, 'report'), eval_report_num,
+        m = sample.evaluate(vlm, tok, dict(model_args, checkpoint=ckpt_path), prepared,
+                            os.path.join(out_dir, 'report'), eval_report_num,
                             batch_size=batch_size)
     log(f'report: {sample.summary_line(m)} -> {out_dir}/report/report.md')
 if ddp:
