@@ -321,14 +321,36 @@ def _config(name, known, tiny):
     return AutoConfig.for_model(d.pop('model_type'), **d)
 
 
-def _from_pretrained(cls, name, what, **kw):
+def hub_reachable(timeout=3.0):
+    """One quick TCP check instead of transformers' minute of retries when offline."""
+    if os.environ.get('HF_HUB_OFFLINE', '0').lower() in ('1', 'true', 'yes'):
+        return False
+    import socket
+    from urllib.parse import urlparse
+    host = urlparse(os.environ.get('HF_ENDPOINT', 'https://huggingface.co')).hostname
     try:
-        return cls.from_pretrained(name, **kw)
-    except OSError as e:
-        raise SystemExit(f"error: cannot load {what} '{name}': not in the local Hugging Face cache and not "
-                         f"downloadable ({str(e).splitlines()[0][:120]}); run `huggingface-cli download {name}` "
-                         f"on a connected machine, or set {what}=/path/to/local/dir, or {what}='random:{name}' "
-                         f"for random weights") from None
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _from_pretrained(cls, name, what, **kw):
+    """from_pretrained from a local dir or the cache, else the hub; one line on failure."""
+    try:  # local first: no network needed, no retries
+        return cls.from_pretrained(name, local_files_only=True, **kw)
+    except (OSError, ValueError) as e:
+        why = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+    if not os.path.isdir(name) and hub_reachable():
+        try:
+            return cls.from_pretrained(name, **kw)
+        except (OSError, ValueError) as e:
+            why = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+    elif not os.path.isdir(name):
+        why = 'not in the local Hugging Face cache and the hub is unreachable'
+    raise SystemExit(f"error: cannot load {what} '{name}' ({why}); download it on a connected machine "
+                     f"(`huggingface-cli download {name.removeprefix('random:')}`), or set {what}=/path/to/local/dir, "
+                     f"or {what}='random:{name}' for random weights") from None
 
 
 @contextlib.contextmanager

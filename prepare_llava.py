@@ -443,6 +443,9 @@ def fetch_llava(data_dir):
         from huggingface_hub import snapshot_download
     except ImportError:
         return 'huggingface_hub is not installed'
+    from model import hub_reachable
+    if not hub_reachable():
+        return 'the Hugging Face hub is unreachable'
     print(f'{LLAVA_JSON} not found: downloading {LLAVA_REPO} ({LLAVA_JSON} + images.zip, tens of GB) into {data_dir}')
     try:
         snapshot_download(repo_id=LLAVA_REPO, repo_type='dataset', local_dir=data_dir,

@@ -388,6 +388,7 @@ while True:
         consecutive_nonfinite += 1
         nonfinite_total += 1
         log(f'iter {iter_num}: non-finite loss/grad, step skipped ({consecutive_nonfinite} in a row)')
+        write_log(dict(iter=iter_num, skipped='non-finite', nonfinite_total=nonfinite_total))
         if consecutive_nonfinite >= max_nonfinite:
             iter_num += 1
             checkpoint(os.path.join(out_dir, 'ckpt_last_good.pt'))
