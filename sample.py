@@ -32,11 +32,11 @@ def parse_args(argv):
     p.add_argument('--image', action='append', default=[], help='image file or directory (repeatable)')
     p.add_argument('--prompt', default=None, help="prompt text; '<image>' marks where each image goes "
                                                    '(default: the training template)')
-    p.add_argument('--temperature', type=float, default=0.0, help='0 = greedy; 0.2-0.7 for sampling')
+    p.add_argument('--temperature', type=float, default=0.2, help='0.2-0.7 for captions (design notes); 0 = greedy')
     p.add_argument('--top_p', type=float, default=0.9)
     p.add_argument('--max_new_tokens', type=int, default=64)
     p.add_argument('--num_samples', type=int, default=1)
-    p.add_argument('--greedy', action='store_true', help='same as --temperature 0')
+    p.add_argument('--greedy', action='store_true', help='argmax decoding (same as --temperature 0)')
     p.add_argument('--seed', type=int, default=1337)
     p.add_argument('--batch_size', type=int, default=32, help='prompts per forward pass')
     p.add_argument('--device', default='auto')
@@ -93,7 +93,11 @@ def prompt_ids(vlm, tok, n_images, prompt=None):
         raise SystemExit(f"error: the prompt has {prompt.count('<image>')} <image> markers for {n_images} images")
     if not prompt.endswith('\n'):
         prompt += '\n'  # the caption follows a newline in training
-    return data.encode_prompt(tok, prompt, vlm.connector.args['n_latents'], vlm.slot_id)
+    return data.encode_prompt(tok, prompt, n_latents(vlm), vlm.slot_id, vlm.brackets)
+
+
+def n_latents(vlm):
+    return getattr(vlm.connector, 'module', vlm.connector).args['n_latents']
 
 
 def caption_batch(vlm, tok, image_groups, prompt=None, temperature=0.0, top_p=0.9, max_new_tokens=64,
@@ -672,7 +676,7 @@ def evaluate(vlm, tok, model_args, prepared, out_dir, num=500, qa_path=None, tem
     t0 = time.time()
     gen = torch.Generator().manual_seed(seed)  # reproducible reports when sampling
     n_lat = model_args['n_latents']
-    builder = data.SampleBuilder(tok, n_lat, vlm.slot_id, vlm.eos_id)
+    builder = data.SampleBuilder(tok, n_lat, vlm.slot_id, vlm.eos_id, vlm.brackets)
     ds = data.CaptionDataset(prepared, 'val', builder, vlm.image_spec['size'], vlm.image_spec['resample'])
     reader = ds.reader
     n = len(ds) if num <= 0 else min(num, len(ds))

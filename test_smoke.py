@@ -1568,3 +1568,47 @@ def test_nonfinite_steps_are_skipped_then_stop(synthetic, tmp_path):
     assert len(skipped) == 2
     ck = torch.load(out / 'ckpt_last_good.pt', weights_only=True)
     assert ck['nonfinite_total'] == 2
+
+
+def test_grad_checkpointing_recomputes_and_matches(dataset):
+    """With activation checkpointing the LLM's layers run again in the backward pass (that is
+    the memory saving), and loss and connector gradients are unchanged."""
+    batch = data.collate([dataset[i] for i in range(4)], pad_id=0)
+    args = (batch['images'], batch['input_ids'], batch['target_pos'], batch['target_ids'])
+    results, state = [], None
+    for ckpt in (False, True):
+        vlm, _ = build_tiny()
+        state = state or {k: v.clone() for k, v in vlm.connector.state_dict().items()}
+        vlm.connector.load_state_dict(state)  # the same connector in both runs
+        if ckpt:
+            vlm.enable_grad_checkpointing()
+        vlm.train()
+        calls = []
+        # a pre-hook inside the checkpointed layer fires again when backward recomputes it
+        # (a post-hook may not: torch stops the recompute once it has what backward needs)
+        attn = vlm.llm.get_decoder().layers[0].self_attn
+        h = attn.register_forward_pre_hook(lambda *a: calls.append(1))
+        loss = vlm(*args)
+        loss.backward()
+        h.remove()
+        results.append((loss.item(), [p.grad.clone() for p in vlm.connector.parameters()], len(calls)))
+    (l0, g0, c0), (l1, g1, c1) = results
+    assert (c0, c1) == (1, 2)
+    assert l0 == pytest.approx(l1, abs=1e-6)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_clip_vision_tower_drops_cls(tmp_path):
+    """Any transformers vision tower with patch hidden states works; CLIP's CLS token is dropped."""
+    d = tmp_path / 'clip'
+    d.mkdir()
+    (d / 'config.json').write_text(json.dumps(dict(model_type='clip_vision_model', hidden_size=32, intermediate_size=64,
+                                                   num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                                                   patch_size=8)))
+    tok = M.load_tokenizer('tiny')
+    vlm = M.build_vlm({**TINY_ARGS, 'vision': f'random:{d}'}, tok)
+    imgs = torch.from_numpy(rand_images(3, vlm.image_spec['size']))
+    assert vlm.encode_images(imgs).shape == (3, 16, 32)  # 4x4 patches, CLS dropped
+    ids = torch.tensor([data.encode_prompt(tok, data.TEMPLATE_A, N_LAT, vlm.slot_id)] * 3)
+    assert vlm.embed(imgs, ids).shape == (3, ids.shape[1], vlm.llm.config.hidden_size)

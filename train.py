@@ -152,8 +152,7 @@ vlm = M.build_vlm(model_args, tok, device, ptdtype if device.type == 'cuda' else
                   connector_state=ckpt['connector'] if ckpt else None)
 connector = vlm.connector  # the raw module: what is optimised and saved
 if grad_checkpointing:
-    vlm.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
-    vlm.llm.config.use_cache = False
+    vlm.enable_grad_checkpointing()
 log(f'model: vision {M.count_params(vlm.vision) / 1e6:.1f}M + llm {M.count_params(vlm.llm) / 1e6:.1f}M frozen, '
     f'connector {M.count_params(connector) / 1e6:.2f}M trainable ({time.time() - t0:.1f}s to build)')
 if compile:
@@ -172,11 +171,7 @@ no_decay = [p for n, p in connector.named_parameters() if p.dim() < 2 or n == 'l
 optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)],
                               lr=learning_rate, betas=(beta1, beta2), fused=device.type == 'cuda')
 
-brackets = None
-if image_brackets:
-    ids = M.special_ids(tok)
-    brackets = (ids['vision_start'], ids['vision_end'])
-builder = data.SampleBuilder(tok, n_latents, meta['slot_id'], meta['eos_id'], brackets, max_seq_len)
+builder = data.SampleBuilder(tok, n_latents, meta['slot_id'], meta['eos_id'], vlm.brackets, max_seq_len)
 spec = vlm.image_spec
 train_ds = data.CaptionDataset(prepared, 'train', builder, spec['size'], spec['resample'])
 val_ds = data.CaptionDataset(prepared, 'val', builder, spec['size'], spec['resample'])
@@ -413,16 +408,19 @@ while True:
         flops = M.flops_per_batch(vlm, n_images, sample_lens, n_targets) * world_size
         rate = samples * world_size / dt
         done = iter_num - it_start
-        eta = (time.time() - t_start) / done * (max_iters - iter_num)
+        per_step = (time.time() - t_start) / done
+        eta = per_step * (max_iters - iter_num)
+        eta_epoch = per_step * (sampler.per_epoch - micro_pos % sampler.per_epoch) / accum
         mfu = flops / dt / (peak * world_size) if peak else None
         rec = dict(iter=iter_num, loss=lossf, lr=lr, grad_norm=float(grad_norm), dt_ms=dt * 1000,
                    samples_per_s=rate, tokens_per_s=tokens * world_size / dt, mfu=mfu,
-                   data_wait=t_data / dt, eta_s=eta, epoch=micro_pos / sampler.per_epoch, bad_images=n_bad)
+                   data_wait=t_data / dt, eta_s=eta, eta_epoch_s=eta_epoch, epoch=micro_pos / sampler.per_epoch, bad_images=n_bad)
         write_log(rec)
         log(f'iter {iter_num}/{max_iters} | loss {lossf:.4f} | lr {lr:.2e} | grad {float(grad_norm):.3f} | '
             f'{dt * 1000:.0f} ms | {rate:.1f} samples/s | {rec["tokens_per_s"]:.0f} tok/s | '
             + (f'mfu {mfu * 100:.1f}% | ' if mfu is not None else '')
-            + f'data {t_data / dt * 100:.0f}% | epoch {rec["epoch"]:.2f} | eta {eta / 60:.1f} min')
+            + f'data {t_data / dt * 100:.0f}% | epoch {rec["epoch"]:.2f} (ends in {eta_epoch / 60:.1f} min) | '
+            f'eta {eta / 60:.1f} min')
         if bench_iters and done > 2:  # the first steps pay for compilation and warmup
             bench['t'].append(dt)
             bench['samples'] += samples * world_size
