@@ -1612,3 +1612,110 @@ def test_clip_vision_tower_drops_cls(tmp_path):
     assert vlm.encode_images(imgs).shape == (3, 16, 32)  # 4x4 patches, CLS dropped
     ids = torch.tensor([data.encode_prompt(tok, data.TEMPLATE_A, N_LAT, vlm.slot_id)] * 3)
     assert vlm.embed(imgs, ids).shape == (3, ids.shape[1], vlm.llm.config.hidden_size)
+
+
+# =============================================================================
+# Train-time data: bad images, image sources, mixing, sharding, resumable order, grouping
+# =============================================================================
+
+
+def _copy_prepared(src, dst):
+    shutil.copytree(src, dst)
+    meta = json.loads((dst / 'meta.json').read_text())
+    return meta
+
+
+def test_bad_image_at_train_time_is_replaced_and_counted(synthetic, tiny, tmp_path):
+    vlm, tok = tiny
+    prep_dir = tmp_path / 'prepared'
+    meta = _copy_prepared(synthetic, prep_dir)
+    img_root = tmp_path / 'images'
+    shutil.copytree(meta['image_root'], img_root)
+    meta['image_root'] = str(img_root)
+    (prep_dir / 'meta.json').write_text(json.dumps(meta))
+    prep = data.open_prepared(str(prep_dir))
+    b = data.SampleBuilder(tok, N_LAT, meta['slot_id'], meta['eos_id'], None, MAX_SEQ)
+    ds = data.CaptionDataset(prep, 'train', b, vlm.image_spec['size'])
+    good = ds[1]
+    (img_root / prep['image_paths'][ds.image_ids(0)[0]].decode()).write_bytes(b'not a jpeg')  # corrupt
+    (img_root / prep['image_paths'][ds.image_ids(1)[0]].decode()).unlink()  # missing
+    s0, s1 = ds[0], ds[1]
+    assert s0['n_bad'] == 1 and s1['n_bad'] == 1
+    assert s1['input_ids'] != good['input_ids'] or not np.array_equal(s1['images'][0], good['images'][0])
+    assert ds[1]['input_ids'] == s1['input_ids']  # the replacement is deterministic (resume replays it)
+    batch = data.collate([s0, s1, ds[2]])
+    assert batch['n_bad'] == 2 and batch['images'].shape[0] == 3
+
+
+def test_zip_and_packed_sources_feed_the_same_batches_with_workers(synthetic, tiny, tmp_path):
+    """images.zip read in place gives the same pixels as the folder, and the packed file
+    (re-encoded JPEG at the model's size) nearly the same, through DataLoader workers (each
+    opens its own handle)."""
+    vlm, tok = tiny
+    meta = json.loads((synthetic / 'meta.json').read_text())
+    root = Path(meta['image_root'])
+    with zipfile.ZipFile(tmp_path / 'images.zip', 'w') as z:
+        for f in root.rglob('*.jpg'):
+            z.write(f, str(f.relative_to(root)))
+    zdir = tmp_path / 'zipped'
+    _copy_prepared(synthetic, zdir)
+    zmeta = dict(meta, image_root=str(tmp_path / 'images.zip'), image_kind='zip')
+    (zdir / 'meta.json').write_text(json.dumps(zmeta))
+    size = vlm.image_spec['size']
+    raw = synthetic.parent
+    P.main(['--json', str(raw / 'synthetic.json'), '--images', str(root), '--tokenizer', 'tiny', '--max_dups', '0',
+            '--val_ratio', '0.1', '--pack_images', '--pack_size', str(size), '--out_dir', str(tmp_path / 'packed')])
+    pmeta = json.loads((tmp_path / 'packed' / 'meta.json').read_text())
+    assert pmeta['image_kind'] == 'packed' and pmeta['splits'] == meta['splits']
+    sets = []
+    for d in (synthetic, zdir, tmp_path / 'packed'):
+        prep = data.open_prepared(str(d))
+        b = data.SampleBuilder(tok, N_LAT, meta['slot_id'], meta['eos_id'], None, MAX_SEQ)
+        ds = data.CaptionDataset(prep, 'train', b, size)
+        batches = [[(i,) for i in range(k, k + 4)] for k in range(0, 24, 4)]
+        sets.append([bt['images'] for bt in data.make_loader(ds, batches, num_workers=2)])
+    for a, b, c in zip(*sets):
+        assert torch.equal(a, b)
+        assert (a.float() - c.float()).abs().mean() < 4.0  # JPEG re-encoding noise only
+
+
+def test_multi_image_mixing_and_resumable_sharded_order(dataset):
+    lengths = dataset.lengths()
+    single = np.asarray(dataset.index[:, 3]) < 0
+    kw = dict(multi_image_frac=0.25, group_by_length=True)
+    e0 = data.epoch_batches(lengths, 4, 7, 0, single=single, **kw)
+    assert e0 == data.epoch_batches(lengths, 4, 7, 0, single=single, **kw)  # a pure function
+    assert e0 != data.epoch_batches(lengths, 4, 7, 1, single=single, **kw)  # new order each epoch
+    items = [it for b in e0 for it in b]
+    frac = sum(len(it) == 2 for it in items) / len(items)
+    assert 0.15 < frac < 0.35, frac
+    two = next(it for it in items if len(it) == 2)
+    s = dataset[two]
+    assert len(s['images']) == 2 and s['input_ids'].count(dataset.builder.eos_id) == 1
+    n_img_slots = sum(t == M.special_ids(M.load_tokenizer('tiny'))['slot'] for t in s['input_ids'])
+    assert n_img_slots == 2 * N_LAT
+    # resume: starting at position k yields exactly what an uninterrupted iterator yields from k
+    full = data.ResumableBatches(dataset, 4, 7, multi_image_frac=0.25)
+    it = iter(full)
+    seq = [next(it) for _ in range(full.per_epoch + 5)]  # crosses an epoch boundary
+    for k in (3, full.per_epoch - 1, full.per_epoch + 2):
+        it_k = iter(data.ResumableBatches(dataset, 4, 7, start=k, multi_image_frac=0.25))
+        assert [next(it_k) for _ in range(3)] == seq[k:k + 3]
+    # DDP: two ranks take disjoint batches that together are the global order
+    r0 = iter(data.ResumableBatches(dataset, 4, 7, rank=0, world_size=2, multi_image_frac=0.25))
+    r1 = iter(data.ResumableBatches(dataset, 4, 7, rank=1, world_size=2, multi_image_frac=0.25))
+    pairs = [(next(r0), next(r1)) for _ in range(5)]
+    assert [b for p in pairs for b in p] == seq[:10]
+
+
+def test_length_grouping_fills_batches(dataset):
+    """Grouped batches waste fewer positions on padding than random ones (the benchmark in
+    bench.py measures the real-data number: >= 97 %)."""
+    lengths = dataset.lengths()
+
+    def real_fraction(batches):
+        real = sum(lengths[i] for b in batches for (i,) in b)
+        return real / sum(len(b) * max(lengths[i] for (i,) in b) for b in batches)
+    grouped = real_fraction(data.epoch_batches(lengths, 16, 1, 0, group_by_length=True))
+    rand = real_fraction(data.epoch_batches(lengths, 16, 1, 0, group_by_length=False))
+    assert grouped > rand and grouped > 0.97, (grouped, rand)

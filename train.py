@@ -428,10 +428,10 @@ while True:
             bench['flops'] += flops
             if len(bench['t']) >= bench_iters:
                 T = sum(bench['t'])
-                mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else float('nan')
+                mem = f'{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB' if device.type == 'cuda' else 'n/a'
                 log(f'bench: {bench["samples"] / T:.1f} samples/s | {bench["tokens"] / T:.0f} tok/s | '
                     + (f'mfu {bench["flops"] / T / (peak * world_size) * 100:.1f}% | ' if peak else 'mfu n/a | ')
-                    + f'peak mem {mem:.1f} GiB | {T / len(bench["t"]) * 1000:.0f} ms/step')
+                    + f'peak mem {mem} | {T / len(bench["t"]) * 1000:.0f} ms/step')
                 break
 
     # preemption: agree across ranks, checkpoint, exit cleanly
