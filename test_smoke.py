@@ -157,7 +157,7 @@ def demo_run(synthetic, tmp_path_factory):
     """The CPU demo: the tiny config trained for 200 iterations (used by the learning test,
     sample.py and the error tests). `--lr` also exercises the configurator's alias end to end."""
     out = tmp_path_factory.mktemp('demo')
-    p = run(train_args(synthetic, out, '--max_iters=200', '--eval_interval=100', '--log_interval=20', '--lr=3e-3'))
+    p = run(train_args(synthetic, out, '--max_iters=200', '--eval_interval=100', '--log_interval=20', '--lr=1.5e-3'))
     assert_ok(p)
     return out
 
@@ -676,7 +676,7 @@ def test_cpu_demo_learns(demo_run):
     train = [r['loss'] for r in log if 'loss' in r]
     assert len(train) == 10 and train[-1] < train[0], train
     assert all(math.isfinite(r['loss']) and r['bad_images'] == 0 for r in log if 'loss' in r)
-    assert json.loads((demo_run / 'config.json').read_text())['learning_rate'] == 3e-3  # --lr alias
+    assert json.loads((demo_run / 'config.json').read_text())['learning_rate'] == 1.5e-3  # --lr alias
     ck = torch.load(demo_run / 'ckpt.pt', weights_only=True)
     assert ck['iter_num'] == 200
     assert {k: ck['model_args'][k] for k in ('vision', 'llm', 'tokenizer', 'n_latents')} == \
