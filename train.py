@@ -314,6 +314,8 @@ def sample_golden():
         return
     with raw_connector():
         rows = sample.caption_split(vlm, tok, val_ds, golden, val_ds.reader, 0.0, 1.0, 64, None, batch_size)
+    for r in rows:
+        r['id'] = r['id'].replace('val/', 'golden/')
     with open(os.path.join(out_dir, 'samples.jsonl'), 'a') as f:
         for r in rows:
             f.write(json.dumps(dict(iter=iter_num, id=r['id'], generation=r['generation'],
