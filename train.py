@@ -208,6 +208,9 @@ sampler = data.ResumableBatches(train_ds, batch_size, seed, rank, world_size, st
 pin = device.type == 'cuda'
 train_loader = data.make_loader(train_ds, sampler, packing, max_seq_len, num_workers, meta['eos_id'], pin)
 train_iter = iter(train_loader)
+# val: a fixed order (the first samples), decoded by the loader's workers like training data
+val_loader = data.make_loader(val_ds, data.eval_batches(len(val_ds), batch_size, eval_iters or None), packing,
+                              max_seq_len, num_workers, meta['eos_id'], pin) if len(val_ds) else []
 
 
 def to_device(batch):
@@ -219,11 +222,10 @@ def to_device(batch):
 
 @torch.no_grad()
 def estimate_loss():
-    """Mean caption-token loss on val (token-weighted) and its perplexity."""
+    """Mean caption-token loss on val (token-weighted)."""
     vlm.eval()
     tot, n = 0.0, 0
-    for items in data.eval_batches(len(val_ds), batch_size, eval_iters or None):
-        batch = data.collate([val_ds[i] for i in items], packing, max_seq_len, meta['eos_id'])
+    for batch in val_loader:
         images, input_ids, target_pos, target_ids, position_ids = to_device(batch)
         with autocast:
             loss = vlm(images, input_ids, target_pos, target_ids, position_ids=position_ids)
