@@ -100,14 +100,8 @@ def load_tokenizer(name):
     """'tiny', a hub id or a local dir. `random:X` uses X's tokenizer."""
     if name == 'tiny':
         return tiny_tokenizer()
-    name = name.removeprefix('random:')
     from transformers import AutoTokenizer
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: cannot load tokenizer '{name}' ({type(e).__name__}): not a local dir and "
-                         f"not downloadable; run `huggingface-cli download {name}` on a connected machine "
-                         f"or pass a local directory") from None
+    return _from_pretrained(AutoTokenizer, name.removeprefix('random:'), 'tokenizer')
 
 
 def special_ids(tok):
@@ -368,9 +362,9 @@ def _from_pretrained(cls, name, what, **kw):
             why = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
     elif not os.path.isdir(name):
         why = 'not in the local Hugging Face cache and the hub is unreachable'
+    hint = f", or {what}='random:{name}' for random weights" if what in ('llm', 'vision') else ''
     raise SystemExit(f"error: cannot load {what} '{name}' ({why}); download it on a connected machine "
-                     f"(`huggingface-cli download {name.removeprefix('random:')}`), or set {what}=/path/to/local/dir, "
-                     f"or {what}='random:{name}' for random weights") from None
+                     f"(`hf download {name}`) or give a local directory{hint}") from None
 
 
 @contextlib.contextmanager
