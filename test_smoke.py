@@ -1719,3 +1719,24 @@ def test_length_grouping_fills_batches(dataset):
     grouped = real_fraction(data.epoch_batches(lengths, 16, 1, 0, group_by_length=True))
     rand = real_fraction(data.epoch_batches(lengths, 16, 1, 0, group_by_length=False))
     assert grouped > rand and grouped > 0.97, (grouped, rand)
+
+
+def test_image_brackets_wrap_each_image(tiny):
+    """image_brackets=True: <|vision_start|> slots <|vision_end|> around each image, in
+    training samples and in sample.py's prompts alike."""
+    import sample
+    _, tok = tiny
+    vlm, _ = build_tiny(image_brackets=True)
+    ids = M.special_ids(tok)
+    assert vlm.brackets == (ids['vision_start'], ids['vision_end'])
+    b = data.SampleBuilder(tok, N_LAT, ids['slot'], ids['eos'], vlm.brackets, MAX_SEQ)
+    x, _ = b.build([[10, 11], [12]])
+    for prompt in (x, sample.prompt_ids(vlm, tok, 2)):
+        starts = [i for i, t in enumerate(prompt) if t == ids['vision_start']]
+        ends = [i for i, t in enumerate(prompt) if t == ids['vision_end']]
+        assert len(starts) == len(ends) == 2
+        for s, e in zip(starts, ends):
+            assert e - s - 1 == N_LAT and all(t == ids['slot'] for t in prompt[s + 1:e])
+    imgs = torch.from_numpy(rand_images(2, vlm.image_spec['size']))
+    out = vlm.generate(imgs, [sample.prompt_ids(vlm, tok, 2)], max_new_tokens=3)
+    assert len(out) == 1
