@@ -249,15 +249,16 @@ class VLM(nn.Module):
                                      attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state
 
-    def forward(self, images, input_ids, target_pos, target_ids, position_ids=None, attention_mask=None):
-        """Mean cross-entropy over the caption tokens only.
+    def forward(self, images, input_ids, target_pos, target_ids, position_ids=None, attention_mask=None,
+                reduction='mean'):
+        """Cross-entropy over the caption tokens only (mean, or 'sum' for the caller to normalise).
         target_pos: flat indices into [B*T] of the positions whose *next* token is a label;
         target_ids: those labels. lm_head runs on these rows only: [K, vocab] logits
         instead of [B, T, vocab] (vocab is 151,936 for Qwen3)."""
         h = self.hidden_states(images, input_ids, position_ids, attention_mask)
         h = h.reshape(-1, h.shape[-1]).index_select(0, target_pos)
         logits = self.llm.get_output_embeddings()(h).float()
-        return F.cross_entropy(logits, target_ids)
+        return F.cross_entropy(logits, target_ids, reduction=reduction)
 
     @torch.no_grad()
     def generate(self, images, prompts, max_new_tokens=64, temperature=0.0, top_p=1.0, generator=None):

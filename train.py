@@ -359,26 +359,31 @@ while True:
     lr = get_lr(iter_num)
     for g in optimizer.param_groups:
         g['lr'] = lr
+    # the step's micro-batches (already prefetched by the loader's workers), so the loss can
+    # be normalised by the number of caption tokens in the whole step, over all ranks: every
+    # token weighs the same whatever micro-batch or rank it landed in
+    td = time.time()
+    batches = [next(train_iter) for _ in range(accum)]
+    t_data = time.time() - td
+    micro_pos += accum
+    n_step = torch.tensor(float(sum(b['n_targets'] for b in batches)), device=device)  # caption tokens
+    if ddp:
+        dist.all_reduce(n_step)
     loss_sum = torch.zeros((), device=device)
-    t_data = samples = tokens = 0
-    sample_lens, n_images, n_targets, n_bad = [], 0, 0, 0  # for FLOPs and logging
-    for micro in range(accum):
-        td = time.time()
-        batch = next(train_iter)
-        t_data += time.time() - td
-        micro_pos += 1
-        args = to_device(batch)
-        samples += batch['n_samples']
-        tokens += batch['n_tokens']
-        n_images += batch['images'].shape[0]
-        n_targets += batch['n_targets']
-        n_bad += batch['n_bad']
-        sample_lens += batch['sample_lens']
+    samples = sum(b['n_samples'] for b in batches)
+    tokens = sum(b['n_tokens'] for b in batches)
+    n_images = sum(b['images'].shape[0] for b in batches)
+    n_targets = sum(b['n_targets'] for b in batches)
+    n_bad = sum(b['n_bad'] for b in batches)
+    sample_lens = [n for b in batches for n in b['sample_lens']]  # for FLOPs
+    for micro, batch in enumerate(batches):
+        images, input_ids, target_pos, target_ids, position_ids = to_device(batch)
         # sync connector gradients across ranks only on the last micro-step
         sync = not ddp or micro == accum - 1
         with (nullcontext() if sync else vlm.connector.no_sync()), autocast:
-            loss = vlm(*args[:4], position_ids=args[4])
-        (loss / accum).backward()
+            loss = vlm(images, input_ids, target_pos, target_ids, position_ids=position_ids, reduction='sum')
+        # DDP averages gradients over ranks; x world_size makes that the token mean over all
+        (loss * (world_size / n_step)).backward()
         loss_sum += loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(connector.parameters(), grad_clip)
     # grads are all-reduced, so every rank sees the same norm and takes the same decision
@@ -402,10 +407,9 @@ while True:
     iter_num += 1
 
     if iter_num % log_interval == 0 or iter_num == max_iters or bench_iters:
-        if ddp:  # the mean over ranks, not rank 0's share
-            dist.all_reduce(loss_sum)  # gloo has no AVG
-            loss_sum /= world_size
-        lossf = loss_sum.item() / accum  # the sync point: only on log steps
+        if ddp:  # all ranks' tokens, not rank 0's share
+            dist.all_reduce(loss_sum)
+        lossf = (loss_sum / n_step).item()  # token mean over the step; the sync point, only on log steps
         if device.type == 'cuda':
             torch.cuda.synchronize()
         dt = time.time() - t0
