@@ -1,10 +1,16 @@
 """
-Captions from a trained connector.
+Captions from a trained connector, and the evaluation report.
 
-$ python sample.py --ckpt out/ckpt.pt --image x.jpg                       # greedy caption
+$ python sample.py --ckpt out/ckpt.pt --image x.jpg                       # temperature 0.2, top_p 0.9
+$ python sample.py --ckpt out/ckpt.pt --image x.jpg --greedy
 $ python sample.py --ckpt out/ckpt.pt --image a.jpg --image b.jpg         # Template B: k-th <image> = k-th file
 $ python sample.py --ckpt out/ckpt.pt --image photos/ --temperature 0.5 --num_samples 3
 $ python sample.py --ckpt out/ckpt.pt --image x.jpg --prompt "<image>\nWhat is in the image?\n"
+$ python sample.py --ckpt out/ckpt.pt --eval                              # report on val + golden + QA
+$ python sample.py --ckpt out/ckpt.pt --export connector/                 # safetensors + JSON to share
+
+Read top to bottom: generation helpers, the caption metrics (BLEU-4, CIDEr-D, hallucination,
+QA, lengths) and report writer, the evaluation driver, the command line.
 """
 import argparse
 import html
