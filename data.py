@@ -271,6 +271,15 @@ def collate(samples, packing=False, max_seq_len=None, pad_id=0):
         n_bad=sum(s.get('n_bad', 0) for s in samples))
 
 
+def to_device(batch, device):
+    """(images, input_ids, target_pos, target_ids, position_ids) of a collated batch on the
+    device; non_blocking, so pinned batches copy while the GPU works."""
+    nb = dict(non_blocking=True)
+    pos = batch['position_ids']
+    return (batch['images'].to(device, **nb), batch['input_ids'].to(device, **nb), batch['target_pos'].to(device, **nb),
+            batch['target_ids'].to(device, **nb), pos.to(device, **nb) if pos is not None else None)
+
+
 def epoch_batches(lengths, batch_size, seed, epoch, multi_image_frac=0.0, group_by_length=True,
                   group_size=64, single=None):
     """The micro-batches of one epoch, as lists of items, a pure function of its arguments,

@@ -195,6 +195,11 @@ class VLM(nn.Module):
         self.register_buffer('pix_mean', torch.tensor(image_spec['mean']).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer('pix_std', torch.tensor(image_spec['std']).view(1, 3, 1, 1) * 255, persistent=False)
 
+    @property
+    def connector_args(self):
+        """The connector's constructor args, also when DDP wraps it."""
+        return getattr(self.connector, 'module', self.connector).args
+
     def train(self, mode=True):
         # the backbones stay in eval mode whatever the caller does (no dropout in frozen
         # parts), except that transformers only checkpoints activations in train mode: with
@@ -274,7 +279,7 @@ class VLM(nn.Module):
             mask[i, L - len(p):] = 1
         ids, mask = ids.to(device), mask.to(device)
         n_slots = int((ids == self.slot_id).sum())
-        n_vis = 0 if images is None else images.shape[0] * self.connector.args['n_latents']
+        n_vis = 0 if images is None else images.shape[0] * self.connector_args['n_latents']
         if n_slots != n_vis:
             raise ValueError(f'{n_slots} slot positions but {n_vis} image vectors')
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -352,17 +357,20 @@ def hub_reachable(timeout=3.0):
 
 def _from_pretrained(cls, name, what, **kw):
     """from_pretrained from a local dir or the cache, else the hub; one line on failure."""
+    def first_line(e):
+        return str(e).splitlines()[0][:160] if str(e) else type(e).__name__
     try:  # local first: no network needed, no retries
         return cls.from_pretrained(name, local_files_only=True, **kw)
     except (OSError, ValueError) as e:
-        why = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-    if not os.path.isdir(name) and hub_reachable():
-        try:
-            return cls.from_pretrained(name, **kw)
-        except (OSError, ValueError) as e:
-            why = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-    elif not os.path.isdir(name):
-        why = 'not in the local Hugging Face cache and the hub is unreachable'
+        why = first_line(e)
+    if not os.path.isdir(name):
+        if not hub_reachable():
+            why = 'not in the local Hugging Face cache and the hub is unreachable'
+        else:
+            try:
+                return cls.from_pretrained(name, **kw)
+            except (OSError, ValueError) as e:
+                why = first_line(e)
     hint = f", or {what}='random:{name}' for random weights" if what in ('llm', 'vision') else ''
     raise SystemExit(f"error: cannot load {what} '{name}' ({why}); download it on a connected machine "
                      f"(`hf download {name}`) or give a local directory{hint}") from None
@@ -559,7 +567,7 @@ def _decoder_matmul_params(cfg):
 
 def flops_per_batch(model, n_images, sample_lens, n_targets):
     """sample_lens: token length of each sample (packed or not, attention is per sample)."""
-    lc, vc, ca = model.llm.config, model.vision.config, getattr(model.connector, 'module', model.connector).args  # DDP wraps it
+    lc, vc, ca = model.llm.config, model.vision.config, model.connector_args
     n_tok = sum(sample_lens)
     # LLM: forward + input-gradient backward
     attn = 2 * lc.num_hidden_layers * lc.num_attention_heads * (getattr(lc, 'head_dim', None) or

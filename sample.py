@@ -13,6 +13,7 @@ Read top to bottom: generation helpers, the caption metrics (BLEU-4, CIDEr-D, ha
 QA, lengths) and report writer, the evaluation driver, the command line.
 """
 import argparse
+import contextlib
 import html
 import io
 import json
@@ -99,11 +100,7 @@ def prompt_ids(vlm, tok, n_images, prompt=None):
         raise SystemExit(f"error: the prompt has {prompt.count('<image>')} <image> markers for {n_images} images")
     if not prompt.endswith('\n'):
         prompt += '\n'  # the caption follows a newline in training
-    return data.encode_prompt(tok, prompt, n_latents(vlm), vlm.slot_id, vlm.brackets)
-
-
-def n_latents(vlm):
-    return getattr(vlm.connector, 'module', vlm.connector).args['n_latents']
+    return data.encode_prompt(tok, prompt, vlm.connector_args['n_latents'], vlm.slot_id, vlm.brackets)
 
 
 def caption_batch(vlm, tok, image_groups, prompt=None, temperature=0.0, top_p=0.9, max_new_tokens=64,
@@ -628,30 +625,31 @@ def read_qa(path):
 
 
 @torch.no_grad()
-def val_loss(vlm, ds, n, batch_size=32):
-    """Token-weighted caption loss over the first n val samples, and its perplexity."""
-    tot = cnt = 0
+def caption_loss(vlm, batches, autocast=contextlib.nullcontext()):
+    """Token-weighted mean caption loss over batches from data.collate (train.py's val loss
+    and the report's)."""
     device = vlm.pix_mean.device
-    for items in data.eval_batches(n, batch_size):
-        b = data.collate([ds[i] for i in items], pad_id=vlm.eos_id)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda'):
-            loss = vlm(b['images'].to(device), b['input_ids'].to(device), b['target_pos'].to(device),
-                       b['target_ids'].to(device))
-        tot, cnt = tot + loss.item() * b['n_targets'], cnt + b['n_targets']
+    tot = cnt = 0
+    for b in batches:
+        images, input_ids, target_pos, target_ids, position_ids = data.to_device(b, device)
+        with autocast:
+            loss = vlm(images, input_ids, target_pos, target_ids, position_ids=position_ids, reduction='sum')
+        tot, cnt = tot + loss.item(), cnt + b['n_targets']
     return tot / max(cnt, 1)
 
 
-def caption_split(vlm, tok, ds, indices, reader, temperature, top_p, max_new_tokens, gen, batch_size):
+def caption_split(vlm, tok, ds, indices, reader, temperature, top_p, max_new_tokens, gen, batch_size, prefix='val'):
     """Rows {id, image, prompt, generation, references} for dataset samples."""
-    groups = [[data.load_image(reader.read(k), ds.size, ds.resample) for k in ds.image_ids(i)] for i in indices]
+    raws = [[reader.read(k) for k in ds.image_ids(i)] for i in indices]  # read once: pixels and thumbnails
+    groups = [[data.load_image(r, ds.size, ds.resample) for r in rs] for rs in raws]
     caps = caption_batch(vlm, tok, groups, None, temperature, top_p, max_new_tokens, gen, batch_size)
     rows = []
-    for i, g in zip(indices, caps):
+    for i, g, rs in zip(indices, caps, raws):
         ids = ds.image_ids(i)
-        rows.append(dict(id=f'val/{i}', image=[reader.path(k) for k in ids] if len(ids) > 1 else reader.path(ids[0]),
+        rows.append(dict(id=f'{prefix}/{i}', image=[reader.path(k) for k in ids] if len(ids) > 1 else reader.path(ids[0]),
                          prompt='template B' if len(ids) > 1 else 'template A', generation=g,
                          references=[tok.decode(ds.caption(i), skip_special_tokens=True).strip()],
-                         pil=None if reader.kind == 'folder' else _pil(reader.read(ids[0]))))
+                         pil=None if reader.kind == 'folder' else _pil(rs[0])))
     return rows
 
 
@@ -688,14 +686,16 @@ def evaluate(vlm, tok, model_args, prepared, out_dir, num=500, qa_path=None, tem
     n = len(ds) if num <= 0 else min(num, len(ds))
     metrics = dict(checkpoint=model_args.get('checkpoint', ''), decoding='greedy' if temperature <= 0 else
                    f'temperature {temperature}, top_p {top_p}', seed=seed)
-    loss = val_loss(vlm, ds, n, batch_size)
+    autocast = torch.autocast(vlm.pix_mean.device.type, dtype=torch.bfloat16,
+                              enabled=vlm.pix_mean.device.type == 'cuda')
+    loss = caption_loss(vlm, (data.collate([ds[i] for i in items], pad_id=vlm.eos_id)
+                              for items in data.eval_batches(n, batch_size)), autocast)
     metrics['val'] = dict(loss=loss, caption_ppl=math.exp(min(loss, 50)))
     val_rows = caption_split(vlm, tok, ds, range(n), reader, temperature, top_p, max_new_tokens, gen, batch_size)
     metrics['val'].update(score_rows(val_rows))
     golden = [i for i in prepared['meta'].get('golden', []) if i < len(ds)]
-    gold_rows = caption_split(vlm, tok, ds, golden, reader, temperature, top_p, max_new_tokens, gen, batch_size)
-    for r in gold_rows:
-        r['id'] = 'golden/' + r['id'].split('/')[1]
+    gold_rows = caption_split(vlm, tok, ds, golden, reader, temperature, top_p, max_new_tokens, gen, batch_size,
+                              prefix='golden')
     if gold_rows:
         metrics['golden'] = score_rows(gold_rows)
     qa_rows = []

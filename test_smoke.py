@@ -171,9 +171,9 @@ def demo_run(synthetic, tmp_path_factory):
 def test_connector_shapes(vision_ln, depth, n_latents, width, heads):
     c = M.Connector(vision_dim=48, llm_dim=80, n_latents=n_latents, width=width, depth=depth, n_heads=heads,
                     mlp_ratio=2, proj_hidden=96, vision_ln=vision_ln)
-    for M_, P in ((1, 36), (3, 7)):
-        y = c(torch.randn(M_, P, 48))
-        assert y.shape == (M_, n_latents, 80)
+    for n_img, n_patches in ((1, 36), (3, 7)):
+        y = c(torch.randn(n_img, n_patches, 48))
+        assert y.shape == (n_img, n_latents, 80)
         assert torch.isfinite(y).all()
     assert isinstance(c.vision_ln, nn.LayerNorm) == vision_ln
     assert len(c.blocks) == depth
@@ -954,10 +954,10 @@ def messy(tmp_path_factory):
     d = tmp_path_factory.mktemp('messy')
     images = make_images()
     with zipfile.ZipFile(d / 'images.zip', 'w') as zf:
-        for name, data in images.items():
-            zf.writestr(name, data)
+        for name, raw in images.items():
+            zf.writestr(name, raw)
             (d / 'images' / name).parent.mkdir(parents=True, exist_ok=True)
-            (d / 'images' / name).write_bytes(data)
+            (d / 'images' / name).write_bytes(raw)
     (d / P.LLAVA_JSON).write_text(json.dumps([r for r, _ in RECORDS]))
     return d
 

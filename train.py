@@ -18,7 +18,6 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -213,25 +212,12 @@ val_loader = data.make_loader(val_ds, data.eval_batches(len(val_ds), batch_size,
                               max_seq_len, num_workers, meta['eos_id'], pin) if len(val_ds) else []
 
 
-def to_device(batch):
-    nb = dict(non_blocking=True)
-    pos = batch['position_ids']
-    return (batch['images'].to(device, **nb), batch['input_ids'].to(device, **nb), batch['target_pos'].to(device, **nb),
-            batch['target_ids'].to(device, **nb), pos.to(device, **nb) if pos is not None else None)
-
-
-@torch.no_grad()
 def estimate_loss():
     """Mean caption-token loss on val (token-weighted)."""
     vlm.eval()
-    tot, n = 0.0, 0
-    for batch in val_loader:
-        images, input_ids, target_pos, target_ids, position_ids = to_device(batch)
-        with autocast:
-            loss = vlm(images, input_ids, target_pos, target_ids, position_ids=position_ids)
-        tot, n = tot + loss.item() * batch['n_targets'], n + batch['n_targets']
+    loss = sample.caption_loss(vlm, val_loader, autocast)
     vlm.train()
-    return tot / max(n, 1)
+    return loss
 
 
 def rng_states():
@@ -315,9 +301,8 @@ def sample_golden():
     if not golden:
         return
     with raw_connector():
-        rows = sample.caption_split(vlm, tok, val_ds, golden, val_ds.reader, 0.0, 1.0, 64, None, batch_size)
-    for r in rows:
-        r['id'] = r['id'].replace('val/', 'golden/')
+        rows = sample.caption_split(vlm, tok, val_ds, golden, val_ds.reader, 0.0, 1.0, 64, None, batch_size,
+                                    prefix='golden')
     with open(os.path.join(out_dir, 'samples.jsonl'), 'a') as f:
         for r in rows:
             f.write(json.dumps(dict(iter=iter_num, id=r['id'], generation=r['generation'],
@@ -366,18 +351,18 @@ while True:
     batches = [next(train_iter) for _ in range(accum)]
     t_data = time.time() - td
     micro_pos += accum
-    n_step = torch.tensor(float(sum(b['n_targets'] for b in batches)), device=device)  # caption tokens
+    n_targets = sum(b['n_targets'] for b in batches)
+    n_step = torch.tensor(float(n_targets), device=device)  # caption tokens in the step, all ranks after the reduce
     if ddp:
         dist.all_reduce(n_step)
     loss_sum = torch.zeros((), device=device)
     samples = sum(b['n_samples'] for b in batches)
     tokens = sum(b['n_tokens'] for b in batches)
     n_images = sum(b['images'].shape[0] for b in batches)
-    n_targets = sum(b['n_targets'] for b in batches)
     n_bad = sum(b['n_bad'] for b in batches)
     sample_lens = [n for b in batches for n in b['sample_lens']]  # for FLOPs
     for micro, batch in enumerate(batches):
-        images, input_ids, target_pos, target_ids, position_ids = to_device(batch)
+        images, input_ids, target_pos, target_ids, position_ids = data.to_device(batch, device)
         # sync connector gradients across ranks only on the last micro-step
         sync = not ddp or micro == accum - 1
         with (nullcontext() if sync else vlm.connector.no_sync()), autocast:
