@@ -1,122 +1,161 @@
 """
-Training-time data: the prepared-dataset reader, image reading and preprocessing, sample
-building (template, image slots, labels), multi-image mixing, length-grouped batching or
-packing, and the DataLoader.
+Training-time data: the prepared-dataset reader, sample building (template, image slots,
+labels), multi-image mixing, length-grouped batching or packing, mixtures of several
+prepared datasets, the resumable batch order, and the DataLoader. Image decoding and image
+sources live in images.py.
 
-The prepared directory (written by prepare_llava.py) holds flat arrays opened with
-np.memmap / np.load(mmap_mode='r'), so opening 558K samples costs no per-sample parsing:
-  meta.json                      tokenizer, eos/slot ids, image root and kind, counts, golden list
+A prepared directory (written by prepare_llava.py) holds flat arrays opened with np.memmap /
+np.load(mmap_mode='r'), so opening 558K samples costs no per-sample parsing:
+  meta.json                      tokenizer, eos/slot ids, image root (relative) and kind, counts, golden list
   {train,val}_tokens.bin         uint32 caption tokens of the split, concatenated (no eos)
   {train,val}_index.npy          int64 [n, 4]: token offset, token length, image id 0, image id 1 (-1: none)
-  image_paths.npy                fixed-width utf-8 bytes, image path relative to the image root
-  images_packed.bin / _offsets   optional: every image as resized JPEG bytes, one file
+  image_paths.npy                fixed-width utf-8 bytes: image path relative to the image root
+  images_packed.bin / _offsets   --pack_images: every image's bytes in one file
+  image_locs.npy                 tar shards: int64 [n_images, 3] shard, byte offset, size
 """
+import atexit
 import functools
-import io
 import json
 import os
-import zipfile
+import signal
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps
 
-# A truncated JPEG decodes its readable part instead of raising: the image is still useful.
-ImageFile.LOAD_TRUNCATED_IMAGES = True
+from common import UserError, first_line
+from images import ImageReader, load_image, resolve_root
 
 TEMPLATE_A = '<image>\nDescribe the image in one sentence.\n'
 TEMPLATE_B = '<image>\n<image>\nDescribe each image in order, one sentence per image.\n'
 MULTI_PREFIXES = ('Image 1: ', ' Image 2: ')  # Template B's target: "Image 1: ... Image 2: ..."
+META_VERSION = 2
 
 # -----------------------------------------------------------------------------
 # The prepared dataset
 
 
-def open_prepared(prepared_dir):
-    """dict(meta, train=(tokens, index), val=(tokens, index), image_paths, dir). O(1) memory."""
+def _load_meta(prepared_dir):
     meta_path = os.path.join(prepared_dir, 'meta.json')
     if not os.path.exists(meta_path):
-        raise SystemExit(f"error: no prepared dataset at '{prepared_dir}' (meta.json missing): run "
-                         f"`python prepare_llava.py` (LLaVA-Pretrain in data/llava_pretrain/) or "
-                         f"`python prepare_llava.py --synthetic=2000` first, or set data_dir")
-    with open(meta_path) as f:
-        meta = json.load(f)
+        raise UserError(f"no prepared dataset at '{prepared_dir}' (meta.json missing): run `python prepare_llava.py` "
+                        f"(LLaVA-Pretrain in data/llava_pretrain/) or `python prepare_llava.py --synthetic=2000` "
+                        f"first, or set data_dir")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        missing = [k for k in ('tokenizer', 'eos_id', 'slot_id', 'image_kind', 'image_root', 'n_images', 'splits')
+                   if k not in meta]
+    except (ValueError, TypeError, OSError) as e:
+        missing, meta = [first_line(e, 80)], None
+    if missing:
+        raise UserError(f'{meta_path} is corrupt or from another tool ({", ".join(missing)} missing); run '
+                        f'prepare_llava.py again for this dataset')
+    if meta.get('version', 1) > META_VERSION:
+        raise UserError(f'{prepared_dir} was written by a newer prepare_llava.py (format {meta["version"]}); '
+                        f'update this repository or prepare the data again')
+    return meta
+
+
+def _load_array(prepared_dir, name, what):
+    path = os.path.join(prepared_dir, name)
+    try:
+        return np.load(path, mmap_mode='r')
+    except (OSError, ValueError) as e:
+        raise UserError(f'{path} is missing or corrupt ({first_line(e, 80)}): {what}; run prepare_llava.py '
+                        f'again for this dataset') from None
+
+
+def open_prepared(prepared_dir, image_root=''):
+    """dict(meta, dir, root, train=(tokens, index), val=(tokens, index), image_paths).
+    O(1) memory, and O(1) checks that every file has the size the index and meta.json say,
+    so a truncated copy is one clear line here, not empty captions mid-run."""
+    meta = _load_meta(prepared_dir)
     d = dict(meta=meta, dir=prepared_dir)
     for split in ('train', 'val'):
-        tokens = np.memmap(os.path.join(prepared_dir, f'{split}_tokens.bin'), dtype=np.uint32, mode='r') \
-            if os.path.getsize(os.path.join(prepared_dir, f'{split}_tokens.bin')) else np.zeros(0, np.uint32)
-        d[split] = (tokens, np.load(os.path.join(prepared_dir, f'{split}_index.npy'), mmap_mode='r'))
-    d['image_paths'] = np.load(os.path.join(prepared_dir, 'image_paths.npy'), mmap_mode='r')
+        index = _load_array(prepared_dir, f'{split}_index.npy', 'the split index')
+        n = meta['splits'].get(split, -1)
+        if index.ndim != 2 or index.shape[1] != 4 or len(index) != n:
+            raise UserError(f'{prepared_dir}/{split}_index.npy holds {index.shape} but meta.json says {n} samples: '
+                            f'the dataset is damaged; run prepare_llava.py again')
+        path = os.path.join(prepared_dir, f'{split}_tokens.bin')
+        want = 4 * int(index[-1, 0] + index[-1, 1]) if len(index) else 0  # splits are written in index order
+        size = os.path.getsize(path) if os.path.exists(path) else -1
+        if size != want:
+            raise UserError(f'{path} has {size} bytes but its index needs {want}: the dataset is truncated or '
+                            f'damaged; run prepare_llava.py again (or copy it again)')
+        tokens = np.memmap(path, dtype=np.uint32, mode='r') if want else np.zeros(0, np.uint32)
+        d[split] = (tokens, index)
+    d['image_paths'] = _load_array(prepared_dir, 'image_paths.npy', 'the image list')
+    if len(d['image_paths']) != meta['n_images']:
+        raise UserError(f'{prepared_dir}/image_paths.npy lists {len(d["image_paths"])} images but meta.json says '
+                        f'{meta["n_images"]}; run prepare_llava.py again')
+    _check_image_files(prepared_dir, meta)
+    d['root'] = resolve_root(prepared_dir, meta, image_root)
     return d
 
-# -----------------------------------------------------------------------------
-# Images
+
+def _check_image_files(prepared_dir, meta):
+    n = meta['n_images']
+    if meta['image_kind'] == 'packed':
+        offsets = _load_array(prepared_dir, 'images_packed_offsets.npy', 'the packed-image offsets')
+        blob = os.path.join(prepared_dir, 'images_packed.bin')
+        size = os.path.getsize(blob) if os.path.exists(blob) else -1
+        if len(offsets) != n + 1 or size != int(offsets[-1]):
+            raise UserError(f'{blob} has {size} bytes for {len(offsets) - 1} offsets ({n} images expected): the '
+                            f'packed images are truncated; run prepare_llava.py --pack_images again')
+    elif meta['image_kind'] == 'shards':
+        locs = _load_array(prepared_dir, 'image_locs.npy', 'the shard index')
+        if locs.shape != (n, 3):
+            raise UserError(f'{prepared_dir}/image_locs.npy holds {locs.shape}, expected ({n}, 3); run '
+                            f'prepare_llava.py again')
 
 
-class ImageReader:
-    """Raw image bytes by image id, from a folder, from images.zip read in place, or from
-    the packed file. File handles are opened lazily and per process: a zip handle shared
-    across forked DataLoader workers would interleave their seeks."""
-
-    def __init__(self, prepared_dir, meta, image_paths):
-        self.kind, self.root, self.paths = meta['image_kind'], meta['image_root'], image_paths
-        self.dir, self._pid, self._handle, self._offsets = prepared_dir, None, None, None
-
-    def _open(self):
-        if self._pid != os.getpid():
-            self._pid = os.getpid()
-            if self.kind == 'zip':
-                self._handle = zipfile.ZipFile(self.root)
-            elif self.kind == 'packed':
-                self._handle = np.memmap(os.path.join(self.dir, 'images_packed.bin'), dtype=np.uint8, mode='r')
-                self._offsets = np.load(os.path.join(self.dir, 'images_packed_offsets.npy'), mmap_mode='r')
-
-    def path(self, image_id):
-        return os.path.join(self.root, self.paths[image_id].decode())
-
-    def read(self, image_id):
-        self._open()
-        if self.kind == 'packed':
-            a, b = int(self._offsets[image_id]), int(self._offsets[image_id + 1])
-            return self._handle[a:b].tobytes()
-        name = self.paths[image_id].decode()
-        if self.kind == 'zip':
-            return self._handle.read(name)
-        with open(os.path.join(self.root, name), 'rb') as f:
-            return f.read()
-
-    def __getstate__(self):  # workers reopen their own handles
-        return {**self.__dict__, '_pid': None, '_handle': None, '_offsets': None}
+def parse_data_dir(spec):
+    """'dir' or 'dirA:1.0,dirB:0.5' -> [(dir, weight)]. A bare dir weighs 1."""
+    sources = []
+    for part in (p.strip() for p in spec.split(',')):
+        if not part:
+            continue
+        path, weight = part, 1.0
+        head, sep, tail = part.rpartition(':')
+        if sep and head:
+            try:
+                path, weight = head, float(tail)
+            except ValueError:  # a ':' that belongs to the path
+                pass
+        if not 0 < weight < float('inf'):
+            raise UserError(f"data_dir: the weight of '{path}' must be a positive number, got {tail!r}")
+        sources.append((path, weight))
+    if not sources:
+        raise UserError("data_dir is empty: give a prepared dataset, or several as 'dirA:1.0,dirB:0.5'")
+    if len({p for p, _ in sources}) != len(sources):
+        raise UserError(f"data_dir lists a dataset twice: '{spec}'")
+    return sources
 
 
-def to_rgb(img):
-    """Any PIL mode -> RGB. Transparency is composited on white (a black RGBA silhouette on a
-    transparent background would otherwise vanish into black); 16/32-bit grayscale is
-    rescaled to 8 bits instead of being clipped to white."""
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I', 'F'):
-        a = np.asarray(img, dtype=np.float32)
-        hi = max(float(a.max()), 1.0)
-        img = Image.fromarray((a * (255.0 / hi)).clip(0, 255).astype(np.uint8), 'L')
-    if img.mode == 'P' and 'transparency' in img.info:
-        img = img.convert('RGBA')
-    if img.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La'):
-        img = img.convert('RGBA')
-        bg = Image.new('RGBA', img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(bg, img)
-    return img.convert('RGB')
+def open_sources(spec, image_root=''):
+    """[(name, prepared, weight)] for a data_dir spec; every source must share the tokenizer."""
+    sources = parse_data_dir(spec)
+    if image_root and len(sources) > 1:
+        raise UserError('image_root overrides the image folder of one dataset; with several datasets in data_dir, '
+                        'fix each one where it lives')
+    out = []
+    for path, weight in sources:
+        prepared = open_prepared(path, image_root)
+        out.append((source_name(path), prepared, weight))
+    first = out[0][1]['meta']
+    for name, p, _ in out[1:]:
+        m = p['meta']
+        if (m['tokenizer'], m['eos_id'], m['slot_id']) != (first['tokenizer'], first['eos_id'], first['slot_id']):
+            raise UserError(f"dataset '{name}' was tokenised with '{m['tokenizer']}' but '{out[0][0]}' with "
+                            f"'{first['tokenizer']}': prepare every dataset of a mixture with the same tokenizer")
+    return out
 
 
-def load_image(src, size, resample=Image.BICUBIC):
-    """bytes, a path or a PIL image -> uint8 array [3, size, size] (resized like the tower's
-    processor: straight to size x size)."""
-    img = src if isinstance(src, Image.Image) else Image.open(io.BytesIO(src) if isinstance(src, bytes) else src)
-    if img.format == 'JPEG':
-        img.draft('RGB', (size, size))  # DCT-domain downscale: decoding a big JPEG gets much cheaper
-    img = to_rgb(img)
-    if img.size != (size, size):
-        img = img.resize((size, size), resample=resample)
-    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
+def source_name(path):
+    """A short name for a dataset in logs: data/cc3m/prepared -> cc3m."""
+    parts = [p for p in os.path.normpath(path).split(os.sep) if p not in ('', '.', 'prepared')]
+    return parts[-1] if parts else path
 
 # -----------------------------------------------------------------------------
 # Sample building
@@ -144,8 +183,8 @@ class SampleBuilder:
         self.prompt_b = encode_prompt(tok, TEMPLATE_B, n_latents, slot_id, brackets)
         self.prefix_1, self.prefix_2 = (tok(p, add_special_tokens=False)['input_ids'] for p in MULTI_PREFIXES)
         if len(self.prompt_b) + 2 > max_seq_len:
-            raise SystemExit(f'error: max_seq_len={max_seq_len} cannot hold the prompt ({len(self.prompt_b)} '
-                             f'tokens with two images); raise max_seq_len or lower n_latents')
+            raise UserError(f'max_seq_len={max_seq_len} cannot hold the prompt ({len(self.prompt_b)} tokens with '
+                            f'two images); raise max_seq_len or lower n_latents')
 
     def build(self, captions, n_images=None):
         """captions: token lists. One caption and one image: Template A. Two captions (two
@@ -166,14 +205,17 @@ class SampleBuilder:
 
 
 class CaptionDataset(torch.utils.data.Dataset):
-    """Items are tuples of sample indices: (i,) is one image-caption pair; (i, j) mixes two
-    single-image samples into a Template B sample; a prepared two-image record is (i,)
-    with two image ids and uses Template B with its own caption."""
+    """One split of one prepared dataset. Items are tuples of sample indices: (i,) is one
+    image-caption pair; (i, j) mixes two single-image samples into a Template B sample; a
+    prepared two-image record is (i,) with two image ids and uses Template B with its own
+    caption. replace_bad: an unreadable image is replaced by another sample (training: the
+    step keeps its size); otherwise the item comes back as skipped (evaluation). Both are
+    counted in n_bad."""
 
-    def __init__(self, prepared, split, builder, image_size, resample=Image.BICUBIC):
+    def __init__(self, prepared, split, builder, spec, replace_bad=True):
         self.tokens, self.index = prepared[split]
-        self.builder, self.size, self.resample = builder, image_size, resample
-        self.reader = ImageReader(prepared['dir'], prepared['meta'], prepared['image_paths'])
+        self.builder, self.spec, self.replace_bad = builder, spec, replace_bad
+        self.reader = ImageReader(prepared['dir'], prepared['meta'], prepared['image_paths'], prepared['root'])
 
     def __len__(self):
         return len(self.index)
@@ -186,22 +228,27 @@ class CaptionDataset(torch.utils.data.Dataset):
         a, b = int(self.index[i, 2]), int(self.index[i, 3])
         return [a] if b < 0 else [a, b]
 
+    def images(self, item):
+        """uint8 [3, S, S] arrays of an item's images, in order; raises if one is unreadable."""
+        return [load_image(self.reader.read(k), self.spec) for i in item for k in self.image_ids(i)]
+
     def __getitem__(self, item):
         item = tuple(item) if isinstance(item, (tuple, list)) else (item,)
         n_bad = 0
         for attempt in range(8):
             try:
-                imgs = [load_image(self.reader.read(k), self.size, self.resample)
-                        for i in item for k in self.image_ids(i)]
+                imgs = self.images(item)
                 break
             except Exception:
                 # a corrupt or missing image never crashes a run: take another sample
                 # (deterministically, so resume still replays the same data) and count it
                 n_bad += 1
+                if not self.replace_bad:
+                    return dict(skipped=True, n_bad=n_bad)
                 item = tuple((i * 7919 + 104729 * (attempt + 1)) % len(self) for i in item)
         else:
-            raise RuntimeError('8 unreadable images in a row: the image source looks broken '
-                               f'({self.reader.kind} at {self.reader.root})')
+            raise UserError(f'8 unreadable images in a row: the image source looks broken ({self.reader.kind} at '
+                            f'{self.reader.root}); check it, or prepare the data again with --verify_images')
         ids, labels = self.builder.build([self.caption(i) for i in item], n_images=len(imgs))
         return dict(input_ids=ids, labels=labels, images=imgs, n_bad=n_bad)
 
@@ -211,6 +258,19 @@ class CaptionDataset(torch.utils.data.Dataset):
         cap = np.asarray(self.index[:, 1])
         la, lb = len(self.builder.prompt_a), len(self.builder.prompt_b)
         return np.minimum(np.where(n_img == 1, la, lb) + cap + 1, self.builder.max_seq_len)
+
+
+class Mixture(torch.utils.data.Dataset):
+    """Several CaptionDatasets behind one DataLoader: item (s, *sample indices) is that item
+    of dataset s. One dataset is the common case (s is always 0)."""
+
+    def __init__(self, datasets):
+        self.datasets = datasets
+
+    def __getitem__(self, item):
+        sample = self.datasets[item[0]][tuple(item[1:])]
+        sample['source'] = item[0]
+        return sample
 
 # -----------------------------------------------------------------------------
 # Batching
@@ -224,7 +284,15 @@ def collate(samples, packing=False, max_seq_len=None, pad_id=0):
     No attention mask: with right padding and causal attention, real tokens never attend to
     the pads after them, and leaving the mask out keeps SDPA on its fused kernels. Packed
     rows instead pass position_ids that restart per sample; transformers then builds a
-    block-diagonal causal mask so no sample sees another."""
+    block-diagonal causal mask so no sample sees another.
+    Samples that came back skipped (unreadable image, evaluation) are left out and counted."""
+    n_bad = sum(s.get('n_bad', 0) for s in samples)
+    samples = [s for s in samples if not s.get('skipped')]
+    if not samples:
+        return dict(images=torch.zeros(0, 3, 1, 1, dtype=torch.uint8), input_ids=torch.zeros(0, 0, dtype=torch.long),
+                    labels=torch.zeros(0, 0, dtype=torch.long), position_ids=None,
+                    target_pos=torch.zeros(0, dtype=torch.long), target_ids=torch.zeros(0, dtype=torch.long),
+                    n_samples=0, n_tokens=0, sample_lens=[], n_targets=0, n_bad=n_bad, sources=[])
     if packing:
         rows, room = [], []
         for s in samples:  # first fit, in order: deterministic
@@ -267,8 +335,8 @@ def collate(samples, packing=False, max_seq_len=None, pad_id=0):
         input_ids=torch.from_numpy(input_ids), labels=torch.from_numpy(labels),
         position_ids=torch.from_numpy(position_ids) if packing else None,
         target_pos=torch.from_numpy(target_pos), target_ids=torch.from_numpy(target_ids),
-        n_samples=len(samples), n_tokens=real, sample_lens=[len(s['input_ids']) for s in samples], n_positions=R * T, n_targets=len(target_ids),
-        n_bad=sum(s.get('n_bad', 0) for s in samples))
+        n_samples=len(samples), n_tokens=real, sample_lens=[len(s['input_ids']) for s in samples],
+        n_targets=len(target_ids), n_bad=n_bad, sources=[s.get('source', 0) for s in samples])
 
 
 def to_device(batch, device):
@@ -314,41 +382,107 @@ def epoch_batches(lengths, batch_size, seed, epoch, multi_image_frac=0.0, group_
     return [[items[i] for i in b] for b in batches]
 
 
-class ResumableBatches:
-    """Infinite batch sampler over epochs for one rank, starting at a given position.
-    Rank r of W takes global batches r, r+W, ...; position = micro-batches this rank has
-    consumed, which is all a checkpoint needs to resume mid-epoch."""
+class BatchOrder:
+    """The infinite micro-batch order of one rank: a pure function of (seed, position), so a
+    checkpoint needs only the position to resume mid-epoch, with any number of ranks.
+    Each dataset has its own epochs (epoch_batches). Global micro-batch g comes from dataset
+    choice(g), drawn with probability proportional to the weights from a seeded stream, and is
+    that dataset's next batch; with one dataset, g is simply its g-th batch. Rank r of W takes
+    global micro-batches r, r+W, r+2W, ...; `start` counts this rank's micro-batches."""
 
-    def __init__(self, dataset, batch_size, seed, rank=0, world_size=1, start=0, **kw):
-        self.lengths = dataset.lengths()
-        self.single = np.asarray(dataset.index[:, 3]) < 0
+    BLOCK = 1 << 16  # choices are drawn in blocks of this many global micro-batches
+
+    def __init__(self, datasets, weights, batch_size, seed, rank=0, world_size=1, start=0, **kw):
+        self.lengths = [d.lengths() for d in datasets]
+        self.single = [np.asarray(d.index[:, 3]) < 0 for d in datasets]
         self.batch_size, self.seed, self.rank, self.world, self.start, self.kw = \
             batch_size, seed, rank, world_size, start, kw
-        self.per_epoch = (len(self.lengths) // batch_size) // world_size
-        if self.per_epoch == 0:
-            raise SystemExit(f'error: {len(self.lengths)} training samples is less than one batch '
-                             f'({batch_size} x {world_size} ranks): lower batch_size or prepare more data')
+        # whole rounds of W batches per epoch of each dataset: every rank gets the same count
+        self.n_batches = [(len(n) // batch_size) // world_size * world_size for n in self.lengths]
+        if min(self.n_batches) == 0:
+            small = min(range(len(datasets)), key=lambda s: len(self.lengths[s]))
+            raise UserError(f'{len(self.lengths[small])} training samples is less than one batch per rank '
+                            f'({batch_size} x {world_size} ranks): lower batch_size or prepare more data')
+        self.p = np.asarray(weights, dtype=np.float64) / sum(weights)
+        self.per_epoch = sum(self.n_batches) // world_size  # this rank's micro-batches in one "epoch"
+        self._epochs = {}
+
+    def _choices(self, block):
+        if len(self.p) == 1:
+            return np.zeros(self.BLOCK, np.int64)
+        return np.random.default_rng([self.seed, 7919, block]).choice(len(self.p), size=self.BLOCK, p=self.p)
+
+    def _batch(self, s, j):
+        """The j-th batch of dataset s over its epochs, as (s, *item) tuples."""
+        epoch, k = divmod(j, self.n_batches[s])
+        if self._epochs.get(s, (None,))[0] != epoch:  # an epoch's order is cached while it is used
+            self._epochs[s] = (epoch, epoch_batches(self.lengths[s], self.batch_size, self.seed + s, epoch,
+                                                    single=self.single[s], **self.kw))
+        return [(s, *item) for item in self._epochs[s][1][k]]
+
+    def counts_before(self, g):
+        """How many of the first g global micro-batches came from each dataset."""
+        counts = np.zeros(len(self.p), np.int64)
+        for block in range(g // self.BLOCK):
+            counts += np.bincount(self._choices(block), minlength=len(self.p))
+        block = g // self.BLOCK
+        counts += np.bincount(self._choices(block)[:g % self.BLOCK], minlength=len(self.p))
+        return counts
 
     def __iter__(self):
-        pos = self.start
+        g = self.start * self.world
+        counts = self.counts_before(g)
+        choices, block = None, None
         while True:
-            epoch, k = divmod(pos, self.per_epoch)
-            batches = epoch_batches(self.lengths, self.batch_size, self.seed, epoch, single=self.single, **self.kw)
-            for b in range(k, self.per_epoch):
-                yield batches[b * self.world + self.rank]
-            pos = (epoch + 1) * self.per_epoch
+            if g // self.BLOCK != block:
+                block = g // self.BLOCK
+                choices = self._choices(block)
+            s = int(choices[g % self.BLOCK])
+            if g % self.world == self.rank:
+                yield self._batch(s, int(counts[s]))
+            counts[s] += 1
+            g += 1
+
+
+_LOADERS = []  # loaders with workers, stopped at exit by _stop_workers
+
+
+@atexit.register
+def _stop_workers():
+    """Stop loader workers before multiprocessing's own exit handler does: it stops them with
+    SIGTERM, which they ignore (below), and would then wait for them forever. Registered after
+    multiprocessing's handler (torch imports it first), so it runs before it."""
+    for loader in _LOADERS:
+        it = getattr(loader, '_iterator', None)
+        if it is not None:
+            it._shutdown_workers()
+
+
+def _quiet_worker(_):
+    """Loader workers ignore SIGTERM/SIGINT: a scheduler signals the whole process group, and
+    a worker that died first would take the run down before the main process could write its
+    checkpoint. The main process stops them when it exits."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def make_loader(dataset, batch_sampler, packing=False, max_seq_len=None, num_workers=0, pad_id=0,
-                pin_memory=False):
+                pin_memory=False, seed=0):
     collate_fn = functools.partial(collate, packing=packing, max_seq_len=max_seq_len, pad_id=pad_id)
-    kw = dict(num_workers=num_workers, pin_memory=pin_memory, collate_fn=collate_fn, batch_sampler=batch_sampler)
+    # its own generator: starting an iterator must not draw from the global RNG (dropout's)
+    kw = dict(num_workers=num_workers, pin_memory=pin_memory, collate_fn=collate_fn, batch_sampler=batch_sampler,
+              generator=torch.Generator().manual_seed(seed))
     if num_workers > 0:
-        kw.update(persistent_workers=True, prefetch_factor=4)
-    return torch.utils.data.DataLoader(dataset, **kw)
+        kw.update(persistent_workers=True, prefetch_factor=4, worker_init_fn=_quiet_worker)
+    loader = torch.utils.data.DataLoader(dataset, **kw)
+    if num_workers > 0:
+        _LOADERS.append(loader)
+    return loader
 
 
-def eval_batches(n, batch_size, max_batches=None):
-    """Fixed val order: the first samples, in index order (comparable across evals and runs)."""
-    batches = [[(i,) for i in range(s, min(s + batch_size, n))] for s in range(0, n, batch_size)]
+def eval_batches(n, batch_size, max_batches=None, source=None):
+    """Fixed val order: the first samples, in index order (comparable across evals and runs).
+    With `source`, items carry the dataset index as for a Mixture."""
+    head = () if source is None else (source,)
+    batches = [[(*head, i) for i in range(s, min(s + batch_size, n))] for s in range(0, n, batch_size)]
     return batches[:max_batches] if max_batches else batches

@@ -1,14 +1,15 @@
 """
-The model: a frozen vision tower and a frozen causal LLM joined by a small trainable
-connector (optional LayerNorm -> Perceiver resampler -> MLP projector).
+The model: a frozen vision tower and a frozen causal LLM joined by the trainable connector
+(connector.py).
 
 Read top to bottom:
-1) backbone specs and the tiny preset (a tokenizer built in code, tiny configs),
-2) the connector (the only trainable part),
-3) the VLM glue: encode images, splice connector outputs into the slot positions of
+1) backbone names, the two defaults' known configs, the tiny preset and its tokenizer,
+2) the VLM glue: encode images, splice connector outputs into the slot positions of
    inputs_embeds, caption-only loss, batched generation,
-4) builders (hub id / local dir with real weights, `random:` from config, `tiny`),
-   checkpoint loading and connector export.
+3) builders (hub id / local dir with real weights, `random:` from a config, `tiny`) and the
+   image preprocessing rule of a tower,
+4) checkpoints: load, rebuild the model from one, export the connector,
+5) FLOPs per batch and device peaks, for MFU.
 """
 import contextlib
 import json
@@ -19,6 +20,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common import UserError, atomic_write_bytes, first_line, hub_reachable
+from connector import Connector
+from images import image_spec
+
 # -----------------------------------------------------------------------------
 # Backbone specs. A backbone is named by one string:
 #   'Qwen/Qwen3-8B-Base' or '/path/to/dir'   real weights (hub id or local directory)
@@ -28,6 +33,38 @@ import torch.nn.functional as F
 
 DEFAULT_LLM = 'Qwen/Qwen3-8B-Base'
 DEFAULT_VISION = 'google/siglip-so400m-patch14-384'
+
+
+def parse_backbone(name):
+    """(kind, base) of a backbone name: kind is 'tiny', 'random' or 'pretrained'; base is the
+    hub id or directory without the 'random:' prefix."""
+    if name == 'tiny':
+        return 'tiny', 'tiny'
+    if name.startswith('random:'):
+        return 'random', name[len('random:'):]
+    return 'pretrained', name
+
+
+# The model config keys, with their defaults (the design notes' recommendations). train.py
+# takes its model globals from here and saves them in every checkpoint; sample.py rebuilds
+# the model from them.
+MODEL_DEFAULTS = dict(
+    vision=DEFAULT_VISION,  # hub id, local dir, 'random:<id or dir>', or 'tiny'
+    llm=DEFAULT_LLM,
+    tokenizer='',  # '' = the tokenizer the data was prepared with (meta.json)
+    vision_feature_layer=-2,  # penultimate layer, as LLaVA
+    n_latents=64,  # visual tokens per image
+    resampler_width=1024,
+    resampler_depth=2,
+    resampler_heads=16,
+    resampler_mlp_ratio=4,
+    proj_hidden=4096,
+    proj_dropout=0.0,
+    vision_ln=True,
+    match_embed_scale=True,  # connector output RMS starts at the LLM's token-embedding RMS
+    image_brackets=False,  # wrap slots in <|vision_start|> ... <|vision_end|>
+)
+MODEL_KEYS = tuple(MODEL_DEFAULTS)
 
 # The architectures of the two defaults are public facts; writing them here lets a
 # full-size model be built (meta device for counting, GPU for benchmarks) with no download.
@@ -41,10 +78,6 @@ KNOWN_CONFIGS = {
     'google/siglip-so400m-patch14-384': dict(
         model_type='siglip_vision_model', hidden_size=1152, intermediate_size=4304,
         num_hidden_layers=27, num_attention_heads=16, image_size=384, patch_size=14),
-}
-KNOWN_IMAGE_SPECS = {
-    # from the model's preprocessor_config.json: resize straight to 384x384, bicubic, mean/std 0.5
-    'google/siglip-so400m-patch14-384': dict(size=384, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resample=3),
 }
 
 # The tiny preset: big enough to learn the synthetic captions on a CPU in about a minute.
@@ -98,10 +131,11 @@ def tiny_tokenizer():
 
 def load_tokenizer(name):
     """'tiny', a hub id or a local dir. `random:X` uses X's tokenizer."""
-    if name == 'tiny':
+    kind, base = parse_backbone(name)
+    if kind == 'tiny':
         return tiny_tokenizer()
     from transformers import AutoTokenizer
-    return _from_pretrained(AutoTokenizer, name.removeprefix('random:'), 'tokenizer')
+    return _from_pretrained(AutoTokenizer, base, 'tokenizer')
 
 
 def special_ids(tok):
@@ -110,75 +144,10 @@ def special_ids(tok):
     for key, t in (('eos', EOS_TOKEN), ('slot', SLOT_TOKEN), ('vision_start', VISION_START), ('vision_end', VISION_END)):
         i = tok.convert_tokens_to_ids(t)
         if i is None or i == tok.unk_token_id:
-            raise SystemExit(f"error: tokenizer '{tok.name_or_path}' has no token {t}; use a Qwen-family "
-                             f"tokenizer or the 'tiny' one")
+            raise UserError(f"tokenizer '{tok.name_or_path}' has no token {t}; use a Qwen-family tokenizer "
+                            f"or the 'tiny' one")
         ids[key] = int(i)
     return ids
-
-# -----------------------------------------------------------------------------
-# The connector
-
-
-class ResamplerBlock(nn.Module):
-    """Pre-norm Perceiver block: latents attend over concat(patches, latents), then an MLP."""
-
-    def __init__(self, width, n_heads, mlp_ratio):
-        super().__init__()
-        assert width % n_heads == 0, f'resampler width {width} not divisible by heads {n_heads}'
-        self.n_heads = n_heads
-        self.norm_latents = nn.LayerNorm(width)
-        self.norm_context = nn.LayerNorm(width)
-        self.q = nn.Linear(width, width, bias=False)
-        self.kv = nn.Linear(width, 2 * width, bias=False)
-        self.o = nn.Linear(width, width, bias=False)
-        self.norm_mlp = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
-
-    def forward(self, x, context):
-        M, N, D = x.shape
-        h = self.norm_latents(x)
-        # Flamingo/Idefics2: keys and values also include the latents, so they can pass
-        # information among themselves, not only read the patches.
-        kv_in = torch.cat([self.norm_context(context), h], dim=1)
-        q = self.q(h).view(M, N, self.n_heads, -1).transpose(1, 2)
-        k, v = self.kv(kv_in).view(M, kv_in.shape[1], 2, self.n_heads, -1).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v)
-        x = x + self.o(a.transpose(1, 2).reshape(M, N, D))
-        return x + self.mlp(self.norm_mlp(x))
-
-
-class Connector(nn.Module):
-    """[M, P, vision_dim] patch features -> [M, n_latents, llm_dim] LLM input vectors."""
-
-    def __init__(self, vision_dim, llm_dim, n_latents=64, width=1024, depth=2, n_heads=16, mlp_ratio=4,
-                 proj_hidden=4096, dropout=0.0, vision_ln=True, out_rms=None):
-        super().__init__()
-        self.args = dict(vision_dim=vision_dim, llm_dim=llm_dim, n_latents=n_latents, width=width, depth=depth,
-                         n_heads=n_heads, mlp_ratio=mlp_ratio, proj_hidden=proj_hidden, dropout=dropout,
-                         vision_ln=vision_ln, out_rms=out_rms)
-        self.vision_ln = nn.LayerNorm(vision_dim) if vision_ln else nn.Identity()
-        self.proj_in = nn.Linear(vision_dim, width)
-        self.latents = nn.Parameter(torch.randn(n_latents, width) * 0.02)
-        self.blocks = nn.ModuleList([ResamplerBlock(width, n_heads, mlp_ratio) for _ in range(depth)])
-        self.norm_out = nn.LayerNorm(width)
-        self.projector = nn.Sequential(nn.Linear(width, proj_hidden), nn.GELU(), nn.Dropout(dropout),
-                                       nn.Linear(proj_hidden, llm_dim))
-        # Scale matching: the LLM only ever saw inputs of its embedding table's size. A
-        # projector that emits vectors 10-100x larger (the default init does) saturates the
-        # first attention layers and stalls alignment, so when out_rms is given the output is
-        # RMS-normalised and multiplied by a learnable gain that starts at the mean RMS of
-        # the LLM's token embeddings.
-        self.out_gain = nn.Parameter(torch.full((llm_dim,), float(out_rms))) if out_rms else None
-
-    def forward(self, feats):
-        ctx = self.proj_in(self.vision_ln(feats))
-        x = self.latents.to(ctx.dtype).expand(feats.shape[0], -1, -1)
-        for block in self.blocks:
-            x = block(x, ctx)
-        y = self.projector(self.norm_out(x))
-        if self.out_gain is not None:
-            y = F.rms_norm(y, (y.shape[-1],)) * self.out_gain
-        return y
 
 # -----------------------------------------------------------------------------
 # The VLM: frozen backbones + connector
@@ -197,8 +166,7 @@ class VLM(nn.Module):
 
     @property
     def connector_args(self):
-        """The connector's constructor args, also when DDP wraps it."""
-        return getattr(self.connector, 'module', self.connector).args
+        return self.connector.args
 
     def train(self, mode=True):
         # the backbones stay in eval mode whatever the caller does (no dropout in frozen
@@ -212,17 +180,24 @@ class VLM(nn.Module):
     def enable_grad_checkpointing(self):
         """Recompute the LLM's layer activations in the backward pass instead of storing
         them: less memory for longer sequences or bigger micro-batches, ~1/3 more LLM compute."""
-        for m in self.llm.modules():
+        # attention modules copy config.attention_dropout into their own attribute when they
+        # are built, so zeroing the config alone would leave dropout on in train mode
+        for m in [self.llm.config, *self.llm.modules()]:
             if isinstance(m, nn.Dropout):
                 m.p = 0.0
-        for key in ('attention_dropout', 'hidden_dropout', 'dropout'):
-            if hasattr(self.llm.config, key):
-                setattr(self.llm.config, key, 0.0)
+            for key in ('attention_dropout', 'hidden_dropout', 'dropout'):
+                if isinstance(getattr(m, key, None), float):
+                    setattr(m, key, 0.0)
         if hasattr(self.llm, 'activation_checkpointing_enable'):  # transformers >= 5.2x name
             self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs=dict(use_reentrant=False))
         else:
             self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
         self.grad_checkpointing = True
+        return self.train(self.training)
+
+    def disable_grad_checkpointing(self):
+        (getattr(self.llm, 'activation_checkpointing_disable', None) or self.llm.gradient_checkpointing_disable)()
+        self.grad_checkpointing = False
         return self.train(self.training)
 
     def encode_images(self, images):
@@ -234,20 +209,21 @@ class VLM(nn.Module):
             feats = self.vision(pixel_values=x).last_hidden_state
         return feats[:, 1:] if self.drop_cls else feats
 
-    def embed(self, images, input_ids):
+    def embed(self, images, input_ids, connector=None):
         """inputs_embeds with the slots overwritten by the connector's outputs.
         masked_scatter fills slots in row-major order: batch row, then position; the
         collator orders `images` the same way, so the k-th <image> of a row gets that
-        row's k-th image with no Python loop."""
+        row's k-th image with no Python loop. connector: the module to run instead of
+        self.connector (training passes its DDP wrapper, which syncs the gradients)."""
         emb = self.llm.get_input_embeddings()(input_ids)
         if images is None or images.shape[0] == 0:
             return emb
-        vis = self.connector(self.encode_images(images))
+        vis = (self.connector if connector is None else connector)(self.encode_images(images))
         slots = (input_ids == self.slot_id).unsqueeze(-1)
         return emb.masked_scatter(slots, vis.to(emb.dtype))
 
-    def hidden_states(self, images, input_ids, position_ids=None, attention_mask=None):
-        emb = self.embed(images, input_ids)
+    def hidden_states(self, images, input_ids, position_ids=None, attention_mask=None, connector=None):
+        emb = self.embed(images, input_ids, connector)
         # use_cache=False matters: with a cache, transformers ignores the restarts in
         # position_ids and packed samples would attend to each other.
         out = self.llm.get_decoder()(inputs_embeds=emb, position_ids=position_ids,
@@ -255,12 +231,12 @@ class VLM(nn.Module):
         return out.last_hidden_state
 
     def forward(self, images, input_ids, target_pos, target_ids, position_ids=None, attention_mask=None,
-                reduction='mean'):
+                reduction='mean', connector=None):
         """Cross-entropy over the caption tokens only (mean, or 'sum' for the caller to normalise).
         target_pos: flat indices into [B*T] of the positions whose *next* token is a label;
         target_ids: those labels. lm_head runs on these rows only: [K, vocab] logits
         instead of [B, T, vocab] (vocab is 151,936 for Qwen3)."""
-        h = self.hidden_states(images, input_ids, position_ids, attention_mask)
+        h = self.hidden_states(images, input_ids, position_ids, attention_mask, connector)
         h = h.reshape(-1, h.shape[-1]).index_select(0, target_pos)
         logits = self.llm.get_output_embeddings()(h).float()
         return F.cross_entropy(logits, target_ids, reduction=reduction)
@@ -324,41 +300,19 @@ def sample_next(logits, temperature, top_p, generator=None):
 # Builders
 
 
-def _config(name, known, tiny):
+def backbone_config(name, tiny):
+    """The transformers config of a 'tiny' / 'random:' backbone: the tiny preset, one of the
+    known configs, or a local dir's / the hub's config.json."""
     from transformers import AutoConfig
-    if name == 'tiny':
-        d = dict(tiny)
-    else:
-        name = name.removeprefix('random:')
-        if name in known:
-            d = dict(known[name])
-        else:
-            try:
-                return AutoConfig.from_pretrained(name)
-            except (OSError, ValueError) as e:
-                raise SystemExit(f"error: no config for '{name}' ({type(e).__name__}): give a local dir with "
-                                 f"config.json or one of {sorted(known)}") from None
-    return AutoConfig.for_model(d.pop('model_type'), **d)
-
-
-def hub_reachable(timeout=3.0):
-    """One quick TCP check instead of transformers' minute of retries when offline."""
-    if os.environ.get('HF_HUB_OFFLINE', '0').lower() in ('1', 'true', 'yes'):
-        return False
-    import socket
-    from urllib.parse import urlparse
-    host = urlparse(os.environ.get('HF_ENDPOINT', 'https://huggingface.co')).hostname
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+    kind, base = parse_backbone(name)
+    if kind == 'tiny' or base in KNOWN_CONFIGS:
+        d = dict(tiny if kind == 'tiny' else KNOWN_CONFIGS[base])
+        return AutoConfig.for_model(d.pop('model_type'), **d)
+    return _from_pretrained(AutoConfig, base, 'config')
 
 
 def _from_pretrained(cls, name, what, **kw):
     """from_pretrained from a local dir or the cache, else the hub; one line on failure."""
-    def first_line(e):
-        return str(e).splitlines()[0][:160] if str(e) else type(e).__name__
     try:  # local first: no network needed, no retries
         return cls.from_pretrained(name, local_files_only=True, **kw)
     except (OSError, ValueError) as e:
@@ -372,8 +326,8 @@ def _from_pretrained(cls, name, what, **kw):
             except (OSError, ValueError) as e:
                 why = first_line(e)
     hint = f", or {what}='random:{name}' for random weights" if what in ('llm', 'vision') else ''
-    raise SystemExit(f"error: cannot load {what} '{name}' ({why}); download it on a connected machine "
-                     f"(`hf download {name}`) or give a local directory{hint}") from None
+    raise UserError(f"cannot load {what} '{name}' ({why}); download it on a connected machine "
+                    f"(`hf download {name}`) or give a local directory{hint}")
 
 
 @contextlib.contextmanager
@@ -387,37 +341,39 @@ def seeded(device, seed=0):
         yield
 
 
+def _random_backbone(auto_cls, cfg, dtype, device, attn_implementation):
+    cfg._attn_implementation = attn_implementation
+    with seeded(device), torch.device(device):
+        return auto_cls.from_config(cfg, dtype=dtype)
+
+
 def build_llm(name, dtype=torch.float32, device='cpu', attn_implementation='sdpa', vocab_size=None):
     from transformers import AutoModelForCausalLM
-    if name == 'tiny' or name.startswith('random:'):
-        cfg = _config(name, KNOWN_CONFIGS, TINY_LLM)
-        if name == 'tiny':
-            cfg.vocab_size = vocab_size or 256
-        cfg._attn_implementation = attn_implementation
-        with seeded(device), torch.device(device):
-            llm = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    else:
-        llm = _from_pretrained(AutoModelForCausalLM, name, 'llm', dtype=dtype,
+    kind, base = parse_backbone(name)
+    if kind == 'pretrained':
+        llm = _from_pretrained(AutoModelForCausalLM, base, 'llm', dtype=dtype,
                                attn_implementation=attn_implementation).to(device)
+    else:
+        cfg = backbone_config(name, TINY_LLM)
+        if kind == 'tiny':
+            cfg.vocab_size = vocab_size or 256
+        llm = _random_backbone(AutoModelForCausalLM, cfg, dtype, device, attn_implementation)
     return llm.eval().requires_grad_(False)
 
 
 def build_vision(name, dtype=torch.float32, device='cpu', attn_implementation='sdpa'):
     from transformers import AutoModel
-    if name == 'tiny' or name.startswith('random:'):
-        cfg = _config(name, KNOWN_CONFIGS, TINY_VISION)
-        cfg = getattr(cfg, 'vision_config', cfg)  # a full SigLIP/CLIP config: keep the vision half
-        cfg._attn_implementation = attn_implementation
-        with seeded(device), torch.device(device):
-            vision = AutoModel.from_config(cfg, dtype=dtype)
-    else:
-        from transformers import AutoConfig
-        cfg = _from_pretrained(AutoConfig, name, 'vision')
-        cfg = getattr(cfg, 'vision_config', cfg)
-        # from a full SigLIP/CLIP checkpoint, load only the vision tower's weights
+    kind, base = parse_backbone(name)
+    # a full SigLIP/CLIP config (text + vision): keep the vision half, and from a full
+    # checkpoint load only the vision tower's weights
+    cfg = backbone_config(name, TINY_VISION)
+    cfg = getattr(cfg, 'vision_config', cfg)
+    if kind == 'pretrained':
         cls = AutoModel._model_mapping[type(cfg)]
-        vision = _from_pretrained(cls, name, 'vision', dtype=dtype,
+        vision = _from_pretrained(cls, base, 'vision', dtype=dtype,
                                   attn_implementation=attn_implementation).to(device)
+    else:
+        vision = _random_backbone(AutoModel, cfg, dtype, device, attn_implementation)
     return vision.eval().requires_grad_(False)
 
 
@@ -430,29 +386,14 @@ def truncate_vision(vision, feature_layer):
     n = len(layers)
     keep = n + 1 + feature_layer if feature_layer < 0 else feature_layer
     if not 1 <= keep <= n:
-        raise SystemExit(f'error: vision_feature_layer={feature_layer} out of range for a {n}-layer tower')
+        raise UserError(f'vision_feature_layer={feature_layer} out of range for a {n}-layer tower '
+                        f'(use -1..-{n} or 1..{n})')
     root.encoder.layers = layers[:keep]
     if hasattr(root, 'post_layernorm'):
         root.post_layernorm = nn.Identity()
     if getattr(root, 'head', None) is not None:
         root.head, root.use_head = None, False
     return vision
-
-
-def image_spec(name, vision_cfg):
-    """size / mean / std / resample the vision tower was trained with."""
-    base = name.removeprefix('random:')
-    if name == 'tiny':
-        return dict(size=vision_cfg.image_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resample=3)
-    if base in KNOWN_IMAGE_SPECS:
-        return dict(KNOWN_IMAGE_SPECS[base])
-    try:
-        from transformers import AutoImageProcessor
-        p = AutoImageProcessor.from_pretrained(base)
-        size = p.size.get('height') or p.size.get('shortest_edge')
-        return dict(size=int(size), mean=tuple(p.image_mean), std=tuple(p.image_std), resample=int(p.resample))
-    except Exception:  # no processor file: fall back to the config's size and SigLIP's normalisation
-        return dict(size=vision_cfg.image_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resample=3)
 
 
 def embedding_rms(llm):
@@ -462,20 +403,24 @@ def embedding_rms(llm):
     return float(torch.linalg.vector_norm(w, dtype=torch.float32) / math.sqrt(w.numel()))
 
 
-def build_vlm(args, tokenizer, device='cpu', dtype=torch.float32, connector_state=None):
-    """args: the model keys of the training config (see MODEL_KEYS). The connector is
-    fp32 (its optimizer needs fp32 master weights); backbones take `dtype`."""
+def build_vlm(args, tokenizer, device='cpu', dtype=torch.float32, connector_state=None,
+              attn_implementation='sdpa'):
+    """args: the model keys (MODEL_KEYS). The connector is fp32 (its optimizer needs fp32
+    master weights); the backbones take `dtype` (bf16 on a GPU). attn_implementation ('sdpa',
+    'eager', 'flash_attention_2') is how the backbones compute attention, not part of the
+    model: a checkpoint trained with one runs with another."""
     ids = special_ids(tokenizer)
-    vision = build_vision(args['vision'], dtype, device, args.get('attn_implementation', 'sdpa'))
+    vision = build_vision(args['vision'], dtype, device, attn_implementation)
     spec = image_spec(args['vision'], vision.config)
     truncate_vision(vision, args['vision_feature_layer'])
-    llm = build_llm(args['llm'], dtype, device, args.get('attn_implementation', 'sdpa'), vocab_size=len(tokenizer))
+    llm = build_llm(args['llm'], dtype, device, attn_implementation, vocab_size=len(tokenizer))
     if llm.get_input_embeddings().num_embeddings < len(tokenizer):
-        raise SystemExit(f"error: tokenizer '{tokenizer.name_or_path}' has {len(tokenizer)} ids but the LLM's "
-                         f"vocabulary has {llm.get_input_embeddings().num_embeddings}: prepare the data with "
-                         f"the LLM's tokenizer")
-    out_rms = connector_state['out_gain'].float().mean().item() if connector_state is not None and \
-        'out_gain' in connector_state else (embedding_rms(llm) if args['match_embed_scale'] else None)
+        raise UserError(f"tokenizer '{tokenizer.name_or_path}' has {len(tokenizer)} ids but the LLM's vocabulary "
+                        f"has {llm.get_input_embeddings().num_embeddings}: prepare the data with the LLM's tokenizer")
+    if connector_state is not None and 'out_gain' in connector_state:
+        out_rms = connector_state['out_gain'].float().mean().item()
+    else:
+        out_rms = embedding_rms(llm) if args['match_embed_scale'] else None
     with torch.device(device):
         connector = Connector(vision.config.hidden_size, llm.config.hidden_size, n_latents=args['n_latents'],
                               width=args['resampler_width'], depth=args['resampler_depth'],
@@ -488,11 +433,8 @@ def build_vlm(args, tokenizer, device='cpu', dtype=torch.float32, connector_stat
     brackets = (ids['vision_start'], ids['vision_end']) if args.get('image_brackets') else None
     return VLM(vision, llm, connector, ids['slot'], ids['eos'], spec, drop_cls, brackets).to(device)
 
-
-# The config keys that define the model; saved in checkpoints so sample.py can rebuild it.
-MODEL_KEYS = ('vision', 'llm', 'tokenizer', 'vision_feature_layer', 'n_latents', 'resampler_width',
-              'resampler_depth', 'resampler_heads', 'resampler_mlp_ratio', 'proj_hidden', 'proj_dropout',
-              'vision_ln', 'match_embed_scale', 'image_brackets')
+# -----------------------------------------------------------------------------
+# Checkpoints
 
 
 def load_connector(connector, state):
@@ -504,47 +446,71 @@ def load_connector(connector, state):
     if bad or missing or extra:
         what = '; '.join(bad[:2] + ([f'missing {missing[:3]}'] if missing else []) +
                          ([f'unexpected {extra[:3]}'] if extra else []))
-        raise SystemExit(f'error: checkpoint does not fit this connector/backbone config ({what}); use the '
-                         f'config it was trained with')
+        raise UserError(f'checkpoint does not fit this connector/backbone config ({what}); use the config it '
+                        f'was trained with')
     connector.load_state_dict(state)
 
 
 def load_checkpoint(path, map_location='cpu'):
-    """torch.load with weights_only=True and a one-line error for missing/corrupt files."""
+    """torch.load with weights_only=True, checked to be one of ours; one line when it is
+    missing, corrupt, or not a training checkpoint."""
+    if os.path.isdir(path):
+        raise UserError(f'{path} is a directory: give the checkpoint file in it (e.g. {path}/ckpt.pt)')
     if not os.path.exists(path):
-        raise SystemExit(f'error: no checkpoint at {path}')
+        raise UserError(f'no checkpoint at {path}')
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise SystemExit(f'error: checkpoint {path} is unreadable ({type(e).__name__}: '
-                         f'{str(e).splitlines()[0][:100]}); it is corrupt or truncated - use another '
-                         f'checkpoint (e.g. ckpt_best.pt) from the same out_dir') from None
+        raise UserError(f'checkpoint {path} is unreadable ({type(e).__name__}: {first_line(e, 100)}); it is '
+                        f'corrupt or truncated - use another checkpoint (e.g. ckpt_best.pt) from the same '
+                        f'out_dir') from None
+    missing = [k for k in ('connector', 'model_args') if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise UserError(f'{path} is not a training checkpoint of this project (no {" / ".join(missing)})')
+    # checkpoints from before a model key existed get its default
+    ckpt['model_args'] = {**MODEL_DEFAULTS, **ckpt['model_args']}
+    return ckpt
 
 
-def from_checkpoint(path, device='cpu', dtype=torch.float32):
-    """(model, tokenizer, ckpt) from a training checkpoint or an exported connector dir."""
+def resolve_checkpoint(path):
+    """A checkpoint file, an exported connector folder, or an out_dir (its ckpt.pt)."""
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, 'connector_config.json')):
+        if os.path.exists(os.path.join(path, 'ckpt.pt')):
+            return os.path.join(path, 'ckpt.pt')
+        raise UserError(f'{path} holds neither a ckpt.pt nor an exported connector (connector_config.json)')
+    return path
+
+
+def from_checkpoint(path, device='cpu', dtype=torch.float32, attn_implementation='sdpa'):
+    """(model, tokenizer, ckpt) from a training checkpoint, an out_dir or an exported
+    connector folder."""
+    path = resolve_checkpoint(path)
     if os.path.isdir(path):
         from safetensors.torch import load_file
-        with open(os.path.join(path, 'connector_config.json')) as f:
-            args = json.load(f)
-        state = load_file(os.path.join(path, 'connector.safetensors'))
+        try:
+            with open(os.path.join(path, 'connector_config.json')) as f:
+                args = {**MODEL_DEFAULTS, **json.load(f)}
+            state = load_file(os.path.join(path, 'connector.safetensors'))
+        except Exception as e:
+            raise UserError(f'exported connector in {path} is unreadable ({first_line(e, 100)}); export it again '
+                            f'with sample.py --export') from None
         ckpt = dict(model_args=args)
     else:
         ckpt = load_checkpoint(path)
         args, state = ckpt['model_args'], ckpt['connector']
     tok = load_tokenizer(args['tokenizer'])
-    model = build_vlm(args, tok, device, dtype, connector_state=state)
+    model = build_vlm(args, tok, device, dtype, connector_state=state, attn_implementation=attn_implementation)
     return model.eval(), tok, ckpt
 
 
 def export_connector(ckpt_path, out_dir):
     """Connector weights as safetensors + a JSON of the model config: the artifact to share."""
-    from safetensors.torch import save_file
-    ckpt = load_checkpoint(ckpt_path)
-    os.makedirs(out_dir, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in ckpt['connector'].items()}, os.path.join(out_dir, 'connector.safetensors'))
-    with open(os.path.join(out_dir, 'connector_config.json'), 'w') as f:
-        json.dump(ckpt['model_args'], f, indent=2)
+    from safetensors.torch import save
+    ckpt = load_checkpoint(resolve_checkpoint(ckpt_path))
+    tensors = {k: v.contiguous() for k, v in ckpt['connector'].items()}
+    atomic_write_bytes(os.path.join(out_dir, 'connector.safetensors'), save(tensors))
+    atomic_write_bytes(os.path.join(out_dir, 'connector_config.json'),
+                       json.dumps(ckpt['model_args'], indent=2).encode())
     return out_dir
 
 

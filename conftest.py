@@ -1,0 +1,211 @@
+"""
+Shared by every test file: paths, the environment scripts run in, the tiny model the tests
+build (the CPU demo's sizes, read from config/stage1_tiny.py), helpers to run scripts and
+read what they wrote, and the expensive fixtures, built once per test session:
+
+  synthetic   600 drawn shape images, prepared with the tiny tokenizer by the real script
+  tiny        the tiny VLM (eval mode) and its tokenizer
+  dataset     the synthetic train split as a CaptionDataset for the tiny model
+  demo_run    the CPU demo trained for 200 iterations (checkpoint, log, report)
+
+Test files import the helpers with `from conftest import ...`.
+"""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import model as M
+
+ROOT = Path(__file__).resolve().parent
+ASSETS = ROOT.parent / 'shared' / 'assets'  # offline assets; absent in a fresh clone -> those tests skip
+TINY_CONFIG = ROOT / 'config' / 'stage1_tiny.py'
+
+# The tiny backbones are a few hundred thousand parameters: one thread per process is
+# several times faster than two fighting over two cores (and leaves a core for the
+# subprocesses that run beside each other).
+torch.set_num_threads(1)
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
+for _k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
+    ENV.pop(_k, None)  # a test run launched under torchrun must not turn train.py into a DDP rank
+
+
+def tiny_config():
+    """config/stage1_tiny.py as a dict (the demo's model sizes: the tests use the same ones)."""
+    scope = {}
+    exec(TINY_CONFIG.read_text(), scope)
+    return {k: v for k, v in scope.items() if not k.startswith('_')}
+
+
+CFG = tiny_config()
+TINY_ARGS = {**M.MODEL_DEFAULTS, 'tokenizer': 'tiny', **{k: v for k, v in CFG.items() if k in M.MODEL_KEYS}}
+N_LAT = TINY_ARGS['n_latents']
+MAX_SEQ = CFG['max_seq_len']
+
+
+def build_tiny(**over):
+    """A fresh tiny VLM (train mode, as built) and its tokenizer; `over` changes model keys."""
+    tok = M.load_tokenizer(TINY_ARGS['tokenizer'])
+    return M.build_vlm({**TINY_ARGS, **over}, tok, 'cpu', torch.float32), tok
+
+
+def tiny_builder(tok, max_seq_len=MAX_SEQ, brackets=None):
+    """The SampleBuilder training uses for the tiny model."""
+    ids = M.special_ids(tok)
+    return data.SampleBuilder(tok, N_LAT, ids['slot'], ids['eos'], brackets, max_seq_len)
+
+
+def rand_images(n, size, seed=0):
+    """n random uint8 images [n, 3, size, size]."""
+    g = np.random.default_rng(seed)
+    return g.integers(0, 256, (n, 3, size, size), dtype=np.uint8)
+
+
+def sha(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+# -----------------------------------------------------------------------------
+# running scripts
+
+
+def run_script(args, timeout=300, **kw):
+    """python <args> in the repo root; waits and captures stdout / stderr."""
+    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+def popen_script(args, log_path):
+    """python <args> in the background, stdout and stderr into log_path."""
+    f = open(log_path, 'w')
+    return subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, env=ENV, stdout=f, stderr=subprocess.STDOUT)
+
+
+def run_scripts_side_by_side(jobs, timeout=300):
+    """{name: args} run as parallel subprocesses (one core each); {name: CompletedProcess}."""
+    procs = {k: subprocess.Popen([sys.executable, *map(str, a)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for k, a in jobs.items()}
+    done = {}
+    try:
+        for k, p in procs.items():
+            out, err = p.communicate(timeout=timeout)
+            done[k] = subprocess.CompletedProcess(p.args, p.returncode, out, err)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+    return done
+
+
+def train_args(data_dir, out_dir, *extra):
+    """train.py on the CPU demo config, no loader workers."""
+    return ['train.py', TINY_CONFIG, f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--device=cpu',
+            '--num_workers=0', *extra]
+
+
+def read_log(out_dir):
+    """log.jsonl records; a line still being written (no newline yet) is left out."""
+    p = Path(out_dir) / 'log.jsonl'
+    if not p.exists():
+        return []
+    text = p.read_text()
+    lines = text.split('\n')[:-1]  # the part after the last newline is incomplete (or empty)
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def assert_ok(proc):
+    out = (proc.stdout or '') + (proc.stderr or '')
+    assert proc.returncode == 0, f'exit {proc.returncode}:\n{out[-3000:]}'
+
+
+def assert_one_error_line(proc, *must_contain):
+    """Exit non-zero with exactly one line on stderr, starting with 'error:', and no traceback."""
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-2000:]
+    assert 'Traceback' not in out, out[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith('error:'), proc.stderr[-2000:]
+    for s in must_contain:
+        assert s in lines[0], lines[0]
+    return lines[0]
+
+# -----------------------------------------------------------------------------
+# prepared datasets
+
+
+def read_meta(prepared_dir):
+    return json.loads((Path(prepared_dir) / 'meta.json').read_text())
+
+
+def load_prepared(out):
+    """(meta.json, {file name: array}) of a prepared folder, read with plain numpy."""
+    out = Path(out)
+    arrays = {name: (np.fromfile(out / name, dtype=np.uint32) if name.endswith('.bin') else np.load(out / name))
+              for name in ('train_tokens.bin', 'val_tokens.bin', 'train_index.npy', 'val_index.npy',
+                           'image_paths.npy')}
+    return read_meta(out), arrays
+
+
+def prepared_samples(arrays):
+    """[(image paths, caption token ids)] of train + val."""
+    paths = [p.decode() for p in arrays['image_paths.npy']]
+    out = []
+    for split in ('train', 'val'):
+        tokens, index = arrays[f'{split}_tokens.bin'], arrays[f'{split}_index.npy']
+        for off, n, i0, i1 in index:
+            out.append((tuple(paths[i] for i in (i0, i1) if i >= 0), tokens[off:off + n].tolist()))
+    return out
+
+
+def image_folder(prepared_dir):
+    """The absolute image folder a prepared dataset was made from."""
+    return Path(read_meta(prepared_dir)['image_root_abs'])
+
+# -----------------------------------------------------------------------------
+# fixtures, built once per session
+
+
+@pytest.fixture(scope='session')
+def synthetic(tmp_path_factory):
+    """600 drawn shape images with exact captions, in the LLaVA layout, prepared with the
+    tiny tokenizer by the real preparation script. 10 % val so val losses are not noise."""
+    d = tmp_path_factory.mktemp('synthetic')
+    p = run_script(['prepare_llava.py', '--synthetic', 600, '--data_dir', d, '--val_ratio', 0.1], timeout=120)
+    assert_ok(p)
+    prepared = d / 'prepared'
+    meta = read_meta(prepared)
+    assert meta['tokenizer'] == 'tiny' and meta['splits']['val'] >= 40, meta
+    return prepared
+
+
+@pytest.fixture(scope='session')
+def tiny():
+    """The tiny VLM in eval mode; tests that change its weights build their own."""
+    vlm, tok = build_tiny()
+    return vlm.eval(), tok
+
+
+@pytest.fixture(scope='session')
+def dataset(synthetic, tiny):
+    vlm, tok = tiny
+    prepared = data.open_prepared(str(synthetic))
+    ids = M.special_ids(tok)
+    assert (prepared['meta']['eos_id'], prepared['meta']['slot_id']) == (ids['eos'], ids['slot'])
+    return data.CaptionDataset(prepared, 'train', tiny_builder(tok), vlm.image_spec)
+
+
+@pytest.fixture(scope='session')
+def demo_run(synthetic, tmp_path_factory):
+    """The CPU demo: the tiny config trained for 200 iterations (used by the learning test,
+    sample.py and the error tests). `--lr` also exercises the configurator's alias end to end."""
+    out = tmp_path_factory.mktemp('demo')
+    p = run_script(train_args(synthetic, out, '--max_iters=200', '--eval_interval=100', '--log_interval=20',
+                              '--lr=1.5e-3'))
+    assert_ok(p)
+    return out

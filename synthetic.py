@@ -1,0 +1,165 @@
+"""
+The synthetic shapes world: the CPU demo's and the tests' dataset, and the tiny LLM that is
+pretrained on its text and then frozen, as the real LLM is.
+
+$ python prepare_llava.py --synthetic=2000       # draws, prepares and pretrains (this module does the drawing)
+
+- draw_scene: coloured shapes on a dark background with an exact caption ("a red circle at
+  the top left.", "two green crosses and one blue star."), 64x64 px;
+- make(): N scenes written in the LLaVA-Pretrain layout (images/ + a json), prepared by the
+  same pipeline as real data, plus a QA set (qa.jsonl: colour, count, "what is in the image");
+- pretrain_llm(): the tiny Qwen3 trained on text only, in a way that teaches it to read its
+  context, saved with save_pretrained and loaded like a real LLM from its directory.
+"""
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from common import Progress, atomic_write_text
+
+SIZE = 64
+COLORS = dict(red=(220, 40, 40), green=(40, 175, 60), blue=(50, 90, 235), yellow=(240, 220, 40),
+              purple=(145, 60, 200), orange=(250, 140, 25), white=(245, 245, 245), pink=(250, 135, 195))
+SHAPES = ['circle', 'square', 'triangle', 'diamond', 'star', 'cross']
+PLURALS = dict(circle='circles', square='squares', triangle='triangles', diamond='diamonds', star='stars',
+               cross='crosses')
+COUNT_WORDS = ['zero', 'one', 'two', 'three']
+# a 3x3 grid; cell = row * 3 + col
+POSITIONS = ['at the top left', 'at the top', 'at the top right', 'on the left', 'in the center', 'on the right',
+             'at the bottom left', 'at the bottom', 'at the bottom right']
+BACKGROUNDS = [(12, 12, 12), (55, 55, 60), (20, 28, 60), (45, 30, 25)]  # dark: every shape colour stands out
+
+
+def draw_shape(d, shape, cx, cy, s, color):
+    r = s / 2
+    if shape == 'circle':
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+    elif shape == 'square':
+        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=color)
+    elif shape == 'triangle':
+        d.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=color)
+    elif shape == 'diamond':
+        d.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=color)
+    elif shape == 'star':
+        pts = [(cx + (r if k % 2 == 0 else 0.45 * r) * np.cos(-np.pi / 2 + k * np.pi / 5),
+                cy + (r if k % 2 == 0 else 0.45 * r) * np.sin(-np.pi / 2 + k * np.pi / 5)) for k in range(10)]
+        d.polygon(pts, fill=color)
+    else:  # cross
+        w = s / 6
+        d.rectangle([cx - r, cy - w, cx + r, cy + w], fill=color)
+        d.rectangle([cx - w, cy - r, cx + w, cy + r], fill=color)
+
+
+def draw_scene(rng):
+    """(image, caption, groups) with groups = [(count, colour, shape)]. Half the scenes are
+    one large shape at a named grid position; half are 2-4 smaller shapes in one or two
+    (count, colour, shape) groups. Shapes are >= 14 px so they survive a resize to 48 px."""
+    img = Image.new('RGB', (SIZE, SIZE), BACKGROUNDS[rng.integers(len(BACKGROUNDS))])
+    d = ImageDraw.Draw(img)
+    cells = rng.permutation(9)
+    colours = list(COLORS)
+
+    def put(shape, colour, cell, s):
+        row, col = divmod(int(cell), 3)
+        cx, cy = ((c + 0.5) * SIZE / 3 + rng.integers(-2, 3) for c in (col, row))
+        lo, hi = s / 2 + 1, SIZE - 1 - s / 2  # keep the whole shape inside the image
+        draw_shape(d, shape, min(max(cx, lo), hi), min(max(cy, lo), hi), s, COLORS[colour])
+
+    if rng.random() < 0.5:
+        colour, shape = colours[rng.integers(len(colours))], SHAPES[rng.integers(len(SHAPES))]
+        put(shape, colour, cells[0], int(rng.integers(18, 25)))
+        article = 'an' if colour[0] in 'aeiou' else 'a'
+        caption, groups = f'{article} {colour} {shape} {POSITIONS[cells[0]]}.', [(1, colour, shape)]
+    else:
+        counts = [int(rng.integers(2, 4))] if rng.random() < 0.4 else [int(rng.integers(1, 3)), int(rng.integers(1, 3))]
+        groups = []
+        while len(groups) < len(counts):
+            g = (counts[len(groups)], colours[rng.integers(len(colours))], SHAPES[rng.integers(len(SHAPES))])
+            if all(g[1:] != h[1:] for h in groups):
+                groups.append(g)
+        k = 0
+        for count, colour, shape in groups:
+            for _ in range(count):
+                put(shape, colour, cells[k], int(rng.integers(14, 19)))
+                k += 1
+        phrases = [f'{COUNT_WORDS[c]} {col} {PLURALS[s] if c > 1 else s}' for c, col, s in groups]
+        caption = f'there are {phrases[0]}.' if len(groups) == 1 else f'{phrases[0]} and {phrases[1]}.'
+    if rng.random() < 0.4:  # a noisy background (and shapes): the demo should not be too easy
+        a = np.asarray(img, dtype=np.float32) + rng.normal(0, rng.uniform(6, 16), (SIZE, SIZE, 3))
+        img = Image.fromarray(a.clip(0, 255).astype(np.uint8))
+    return img, caption, groups
+
+
+def qa_lines(image, groups, qid):
+    """Short-answer questions about one scene, all in the tiny tokenizer's vocabulary."""
+    what = [f'{col} {PLURALS[s] if c > 1 else s}' for c, col, s in groups]
+    lines = [dict(id=f'{qid}-what', image=image, question='What is in the image?', answers=what)]
+    for c, col, s in groups:
+        if sum(g[2] == s for g in groups) > 1:
+            continue  # the same shape in two colours: no single right answer
+        noun = PLURALS[s] if c > 1 else s
+        lines.append(dict(id=f'{qid}-color-{s}', image=image, answers=[col],
+                          question=f"What color {'are' if c > 1 else 'is'} the {noun}?"))
+        lines.append(dict(id=f'{qid}-count-{s}', image=image, answers=[COUNT_WORDS[c], str(c)],
+                          question=f'How many {PLURALS[s]} are there?'))
+    return lines
+
+
+def make(args, prepare):
+    """Draw args.synthetic scenes in the LLaVA layout under data_dir, prepare them with
+    `prepare` (prepare_llava.prepare: the same pipeline as real data), write qa.jsonl for the
+    val images plus held-out scenes (never in the json) up to ~64 images, and pretrain the
+    tiny LLM on the train captions (once: it is reused while the data is unchanged)."""
+    t0 = time.time()
+    data_dir = args.data_dir or os.path.join('data', 'synthetic')
+    img_dir = os.path.join(data_dir, 'images')
+    rng = np.random.default_rng(args.seed)
+    records, scenes, progress = [], {}, Progress('draw', args.synthetic)
+    for k in range(args.synthetic):
+        img, caption, groups = draw_scene(rng)
+        rel = f'{k // 1000:03d}/{k:06d}.jpg'
+        os.makedirs(os.path.join(img_dir, os.path.dirname(rel)), exist_ok=True)
+        img.save(os.path.join(img_dir, rel), format='JPEG', quality=95)
+        records.append(dict(id=f'{k:06d}', image=rel, conversations=[
+            dict(value='<image>\nDescribe the image in one sentence.', **{'from': 'human'}),
+            dict(value=caption, **{'from': 'gpt'})]))
+        scenes[rel] = groups
+        progress(k + 1)
+    json_path = os.path.join(data_dir, 'synthetic.json')
+    atomic_write_text(json_path, json.dumps(records))
+    print(f'drew {args.synthetic:,} images into {img_dir} in {time.time() - t0:.1f}s')
+
+    run = argparse.Namespace(**{**vars(args), 'data_dir': data_dir, 'json': json_path, 'images': img_dir,
+                                'tokenizer': args.tokenizer or 'tiny'})
+    meta, val_images = prepare(run, source='synthetic')
+    out_dir = run.out_dir or os.path.join(data_dir, 'prepared')
+    # relative to the prepared folder, like the image root, so data/ can move
+    meta['qa_file'] = os.path.relpath(write_qa(data_dir, val_images, scenes, args.seed), out_dir)
+    from prepare_llava import write_meta
+    write_meta(out_dir, meta)
+    print(f'synthetic total {time.time() - t0:.1f}s')
+    return meta
+
+
+def write_qa(data_dir, val_images, scenes, seed):
+    """qa.jsonl beside the images: questions about the val images, topped up with held-out
+    scenes to ~64 images. Returns its path."""
+    img_dir = os.path.join(data_dir, 'images')
+    lines = []
+    for (rel,) in val_images[:64]:
+        lines += qa_lines(f'images/{rel}', scenes[rel], f'val-{rel[4:10]}')
+    held_rng = np.random.default_rng([seed, 1])  # its own stream: the dataset does not depend on it
+    for k in range(max(0, 64 - min(len(val_images), 64))):
+        img, _, groups = draw_scene(held_rng)
+        rel = f'qa/{k:06d}.jpg'
+        os.makedirs(os.path.join(img_dir, 'qa'), exist_ok=True)
+        img.save(os.path.join(img_dir, rel), format='JPEG', quality=95)
+        lines += qa_lines(f'images/{rel}', groups, f'heldout-{k:06d}')
+    path = os.path.join(data_dir, 'qa.jsonl')
+    atomic_write_text(path, ''.join(json.dumps(x) + '\n' for x in lines))
+    print(f'wrote {len(lines)} QA lines to {path}')
+    return path

@@ -1,0 +1,417 @@
+"""
+Tests of model.py and connector.py on the tiny backbones: the connector, what is trained,
+how images are spliced into the LLM's input, the caption-only loss (padded and packed),
+generation, activation checkpointing, other vision towers, the full-size backbones on the
+meta device, and loading real weights from local directories.
+
+$ python -m pytest -q test_model.py
+"""
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+import evaluate
+import model as M
+from common import UserError
+from conftest import ASSETS, N_LAT, TINY_ARGS, build_tiny, rand_images, tiny_builder
+from connector import Connector
+
+# -----------------------------------------------------------------------------
+# connector
+
+
+@pytest.mark.parametrize('vision_ln', [True, False])
+@pytest.mark.parametrize('depth', [1, 2])
+@pytest.mark.parametrize('n_latents,width,heads', [(16, 64, 4), (5, 32, 2)])
+def test_connector_shapes(vision_ln, depth, n_latents, width, heads):
+    c = Connector(vision_dim=48, llm_dim=80, n_latents=n_latents, width=width, depth=depth, n_heads=heads,
+                  mlp_ratio=2, proj_hidden=96, vision_ln=vision_ln)
+    for n_img, n_patches in ((1, 36), (3, 7)):
+        y = c(torch.randn(n_img, n_patches, 48))
+        assert y.shape == (n_img, n_latents, 80)
+        assert torch.isfinite(y).all()
+    assert isinstance(c.vision_ln, nn.LayerNorm) == vision_ln
+    assert len(c.blocks) == depth
+
+
+def test_out_gain_matches_llm_embedding_rms(tiny):
+    vlm, _ = tiny
+    emb = vlm.llm.get_input_embeddings()
+    target = emb.weight.float().pow(2).mean().sqrt().item()
+    assert vlm.connector.out_gain is not None
+    feats = vlm.encode_images(torch.from_numpy(rand_images(3, vlm.image_spec['size'])))
+    with torch.no_grad():
+        y = vlm.connector(feats)
+    assert y.pow(2).mean().sqrt().item() == pytest.approx(target, rel=1e-3)
+    # the gain follows the LLM's scale (not a constant that happens to match the tiny LLM),
+    # whatever the scale of the patch features
+    with torch.no_grad():
+        saved = emb.weight.clone()  # the session's tiny model: restored bit for bit afterwards
+        emb.weight.mul_(7.0)
+        try:
+            assert M.embedding_rms(vlm.llm) == pytest.approx(7 * target, rel=1e-4)
+        finally:
+            emb.weight.copy_(saved)
+        c = Connector(**{**vlm.connector.args, 'out_rms': 7 * target})
+        for scale in (1.0, 100.0):
+            assert c(feats * scale).pow(2).mean().sqrt().item() == pytest.approx(7 * target, rel=1e-3)
+    vlm2, _ = build_tiny(match_embed_scale=False)
+    assert vlm2.connector.out_gain is None
+
+
+def test_gradients_reach_only_the_connector(dataset):
+    vlm, _ = build_tiny()
+    vlm.train()
+    assert not vlm.llm.training and not vlm.vision.training  # frozen parts stay in eval mode
+    batch = data.collate([dataset[i] for i in range(4)] + [dataset[(4, 5)]], pad_id=vlm.eos_id)
+    loss = vlm(batch['images'], batch['input_ids'], batch['target_pos'], batch['target_ids'])
+    loss.backward()
+    named = dict(vlm.connector.named_parameters())
+    assert len(named) > 10
+    for n, p in named.items():
+        assert p.requires_grad, n
+        assert p.grad is not None and p.grad.abs().sum() > 0, f'no gradient reaches connector.{n}'
+    for part in (vlm.vision, vlm.llm):
+        for n, p in part.named_parameters():
+            assert not p.requires_grad and p.grad is None, n
+
+# -----------------------------------------------------------------------------
+# slot splicing
+
+
+def slot_blocks(emb, ids, slot_id):
+    """connector-output blocks of n_latents vectors, in row-major slot order."""
+    return emb[ids == slot_id].view(-1, N_LAT, emb.shape[-1])
+
+
+def test_slots_get_the_kth_image(tiny):
+    vlm, tok = tiny
+    b = tiny_builder(tok)
+    cap = tok('a red circle.', add_special_tokens=False)['input_ids']
+    size = vlm.image_spec['size']
+    with torch.no_grad():
+        # one row, two images (Template B)
+        x, _ = b.build([cap, cap])
+        x = torch.tensor([x])
+        imgs = torch.from_numpy(rand_images(2, size, seed=1))
+        vis = vlm.connector(vlm.encode_images(imgs))
+        assert (vis[0] - vis[1]).abs().max() > 1e-2  # distinct images give distinct blocks
+        emb = vlm.embed(imgs, x)
+        got = slot_blocks(emb, x, vlm.slot_id)
+        assert got.shape[0] == 2
+        torch.testing.assert_close(got, vis, atol=1e-6, rtol=0)
+        # the text positions keep the LLM's own embeddings
+        table = vlm.llm.get_input_embeddings()(x)
+        assert torch.equal(emb[x != vlm.slot_id], table[x != vlm.slot_id])
+        # swapping the images swaps the blocks
+        got_sw = slot_blocks(vlm.embed(imgs.flip(0), x), x, vlm.slot_id)
+        torch.testing.assert_close(got_sw[0], vis[1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(got_sw[1], vis[0], atol=1e-5, rtol=0)
+
+        # a batch: row 0 has one image (Template A), row 1 two (Template B); images row-major
+        imgs3 = rand_images(3, size, seed=2)
+        samples = []
+        for caps, im in (([cap], [imgs3[0]]), ([cap, cap], [imgs3[1], imgs3[2]])):
+            i_, l_ = b.build(caps)
+            samples.append(dict(input_ids=i_, labels=l_, images=im))
+        batch = data.collate(samples, pad_id=vlm.eos_id)
+        assert torch.equal(batch['images'], torch.from_numpy(imgs3))  # row-major image order
+        x2 = batch['input_ids']
+        emb2 = vlm.embed(batch['images'], x2)
+        vis3 = vlm.connector(vlm.encode_images(batch['images']))
+        r0 = emb2[0][x2[0] == vlm.slot_id].view(-1, N_LAT, emb2.shape[-1])
+        r1 = emb2[1][x2[1] == vlm.slot_id].view(-1, N_LAT, emb2.shape[-1])
+        assert r0.shape[0] == 1 and r1.shape[0] == 2
+        torch.testing.assert_close(r0[0], vis3[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(r1[0], vis3[1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(r1[1], vis3[2], atol=1e-5, rtol=0)
+
+# -----------------------------------------------------------------------------
+# caption-only loss, padded and packed
+
+
+def full_logits_loss(vlm, batch, attention_mask=None):
+    """The textbook loss: logits at every position, cross-entropy over the labels."""
+    with torch.no_grad():
+        emb = vlm.embed(batch['images'], batch['input_ids'])
+        logits = vlm.llm(inputs_embeds=emb, attention_mask=attention_mask, use_cache=False).logits.float()
+        labels = batch['labels']
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                               ignore_index=-100)
+
+
+def per_token_losses(vlm, batch):
+    with torch.no_grad():
+        h = vlm.hidden_states(batch['images'], batch['input_ids'], batch['position_ids'])
+        h = h.reshape(-1, h.shape[-1]).index_select(0, batch['target_pos'])
+        logits = vlm.llm.get_output_embeddings()(h).float()
+        return F.cross_entropy(logits, batch['target_ids'], reduction='none')
+
+
+def test_caption_only_loss_equals_full_logits_loss(tiny, dataset):
+    vlm, _ = tiny
+    samples = [dataset[i] for i in range(6)] + [dataset[(6, 7)]]
+    batch = data.collate(samples, pad_id=vlm.eos_id)
+    lens = torch.tensor(batch['sample_lens'])
+    assert len(set(lens.tolist())) > 1 and (batch['labels'] == -100).any()  # right padding present
+    with torch.no_grad():
+        loss = vlm(batch['images'], batch['input_ids'], batch['target_pos'], batch['target_ids'])
+    assert batch['n_targets'] == int((batch['labels'] != -100).sum())
+    full = full_logits_loss(vlm, batch)
+    assert abs(loss.item() - full.item()) < 1e-5, (loss.item(), full.item())
+    # the dropped attention mask changes nothing: real tokens never see the pads after them
+    mask = (torch.arange(batch['input_ids'].shape[1])[None] < lens[:, None]).long()
+    masked = full_logits_loss(vlm, batch, mask)
+    assert abs(loss.item() - masked.item()) < 1e-5, (loss.item(), masked.item())
+
+
+def test_packed_loss_equals_unpacked(tiny, dataset):
+    vlm, _ = tiny
+    samples = [dataset[i] for i in range(9)] + [dataset[(9, 10)]]
+    unpacked = data.collate(samples, pad_id=vlm.eos_id)
+    row = 4 * max(len(s['input_ids']) for s in samples)  # room for several samples per row
+    packed = data.collate(samples, packing=True, max_seq_len=row, pad_id=vlm.eos_id)
+    assert packed['input_ids'].shape[0] <= len(samples) // 2  # several samples per row
+    assert packed['input_ids'].shape[1] <= row
+    assert int((packed['position_ids'] == 0).sum()) == len(samples)  # positions restart per sample
+    assert packed['n_targets'] == unpacked['n_targets']
+    with torch.no_grad():
+        lu = vlm(unpacked['images'], unpacked['input_ids'], unpacked['target_pos'], unpacked['target_ids'])
+        lp = vlm(packed['images'], packed['input_ids'], packed['target_pos'], packed['target_ids'],
+                 position_ids=packed['position_ids'])
+    assert abs(lu.item() - lp.item()) < 1e-5, (lu.item(), lp.item())
+    # token by token, too (sorted: the two layouts order the targets differently)
+    pu = per_token_losses(vlm, unpacked).sort().values
+    pp = per_token_losses(vlm, packed).sort().values
+    torch.testing.assert_close(pp, pu, atol=1e-4, rtol=0)
+
+
+def test_packed_samples_do_not_see_each_other(tiny, dataset):
+    vlm, tok = tiny
+    samples = [dataset[i] for i in range(8)]
+    row = 4 * max(len(s['input_ids']) for s in samples)
+    a = data.collate(samples, packing=True, max_seq_len=row, pad_id=vlm.eos_id)
+    # change sample 0's caption tokens (same length, so the layout stays the same); sample 0
+    # is the first of row 0 and the samples after it in that row are the ones that could leak
+    s0 = dict(samples[0])
+    n_prompt = sum(1 for l in s0['labels'] if l == -100)
+    star, cross = tok.convert_tokens_to_ids('star'), tok.convert_tokens_to_ids('cross')
+    new_ids = list(s0['input_ids'])
+    for t in range(n_prompt, len(new_ids) - 1):  # every caption token, not the eos
+        new_ids[t] = cross if new_ids[t] == star else star
+    s0['input_ids'] = new_ids
+    s0['labels'] = [-100] * n_prompt + new_ids[n_prompt:]
+    b = data.collate([s0] + samples[1:], packing=True, max_seq_len=row, pad_id=vlm.eos_id)
+    assert torch.equal(a['target_pos'], b['target_pos'])
+    changed = (a['input_ids'] != b['input_ids']).nonzero()
+    assert len(changed) > 0 and bool((changed[:, 0] == 0).all())
+    row0_starts = (a['position_ids'][0] == 0).nonzero().flatten().tolist()
+    assert len(row0_starts) >= 3, 'row 0 should hold several samples'
+    end0 = row0_starts[1]  # sample 0 occupies row 0, positions [0, end0)
+    T = a['input_ids'].shape[1]
+    in_s0 = a['target_pos'] < end0  # flat index < end0 means row 0, inside sample 0
+    la, lb = per_token_losses(vlm, a), per_token_losses(vlm, b)
+    assert (la[in_s0] - lb[in_s0]).abs().max() > 1e-3  # the edit did change sample 0's losses
+    others = ~in_s0
+    assert int((a['target_pos'][others] < T).sum()) > 0  # there are targets of other samples in row 0
+    torch.testing.assert_close(la[others], lb[others], atol=1e-6, rtol=0)
+
+
+def test_grad_checkpointing_recomputes_and_matches(dataset):
+    """With activation checkpointing the LLM's layers run again in the backward pass (that is
+    the memory saving), and loss and connector gradients are unchanged."""
+    batch = data.collate([dataset[i] for i in range(4)], pad_id=0)
+    args = (batch['images'], batch['input_ids'], batch['target_pos'], batch['target_ids'])
+    results, state = [], None
+    for ckpt in (False, True):
+        vlm, _ = build_tiny()
+        state = state or {k: v.clone() for k, v in vlm.connector.state_dict().items()}
+        vlm.connector.load_state_dict(state)  # the same connector in both runs
+        if ckpt:
+            vlm.enable_grad_checkpointing()
+        vlm.train()
+        calls = []
+        # a pre-hook inside the checkpointed layer fires again when backward recomputes it
+        # (a post-hook may not: torch stops the recompute once it has what backward needs)
+        attn = vlm.llm.get_decoder().layers[0].self_attn
+        h = attn.register_forward_pre_hook(lambda *a: calls.append(1))
+        loss = vlm(*args)
+        loss.backward()
+        h.remove()
+        results.append((loss.item(), [p.grad.clone() for p in vlm.connector.parameters()], len(calls)))
+    (l0, g0, c0), (l1, g1, c1) = results
+    assert (c0, c1) == (1, 2)
+    assert l0 == pytest.approx(l1, abs=1e-6)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+# -----------------------------------------------------------------------------
+# generation
+
+
+class ScriptedHead(nn.Module):
+    """An lm_head whose argmax follows a script: step k emits script[row][k] for each row."""
+
+    def __init__(self, vocab, script):
+        super().__init__()
+        self.vocab, self.script, self.calls = vocab, script, 0
+
+    def forward(self, h):
+        k = self.calls
+        self.calls += 1
+        logits = torch.zeros(*h.shape[:-1], self.vocab)
+        for r, toks in enumerate(self.script):
+            logits[r, ..., toks[min(k, len(toks) - 1)]] = 10.0
+        return logits
+
+
+def three_prompts(tok):
+    """Template A, Template B and a user prompt (different lengths), and their image counts."""
+    sp = M.special_ids(tok)
+    custom = data.encode_prompt(tok, '<image>\nWhat is in the image?\n', N_LAT, sp['slot'])
+    b = tiny_builder(tok)
+    return [b.prompt_a, b.prompt_b, custom], [1, 2, 1]
+
+
+def test_generation_stops_at_eos():
+    vlm, tok = build_tiny()
+    V = vlm.llm.config.vocab_size
+    red, blue, green = (tok.convert_tokens_to_ids(w) for w in ('red', 'blue', 'green'))
+    eos = M.special_ids(tok)['eos']
+    prompts, n_img = three_prompts(tok)
+    imgs = torch.from_numpy(rand_images(sum(n_img), vlm.image_spec['size']))
+    # eos is the argmax from the first step: nothing is generated, one forward pass only
+    vlm.llm.lm_head = ScriptedHead(V, [[eos]] * 3)
+    assert vlm.generate(imgs, prompts, max_new_tokens=20) == [[], [], []]
+    assert vlm.llm.lm_head.calls == 1
+    # rows reach eos at different steps: each stops there, the loop stops when all have
+    script = [[red, eos, blue], [red, blue, green, eos, red], [green, green, eos]]
+    vlm.llm.lm_head = ScriptedHead(V, script)
+    out = vlm.generate(imgs, prompts, max_new_tokens=20)
+    assert out == [[red], [red, blue, green], [green, green]]
+    assert vlm.llm.lm_head.calls == 4
+    # no eos at all: max_new_tokens bounds it
+    vlm.llm.lm_head = ScriptedHead(V, [[red]] * 3)
+    assert vlm.generate(imgs, prompts, max_new_tokens=5) == [[red] * 5] * 3
+
+
+def test_batched_generation_equals_one_by_one(tiny):
+    vlm, tok = tiny
+    prompts, n_img = three_prompts(tok)
+    assert len(set(map(len, prompts))) == 3  # different lengths: left padding is exercised
+    imgs = torch.from_numpy(rand_images(sum(n_img), vlm.image_spec['size'], seed=3))
+    batched = vlm.generate(imgs, prompts, max_new_tokens=10)
+    alone, k = [], 0
+    for p, n in zip(prompts, n_img):
+        alone += vlm.generate(imgs[k:k + n], [p], max_new_tokens=10)
+        k += n
+    assert batched == alone
+    assert all(len(t) >= 3 for t in batched)  # real generations, not an immediate eos
+
+
+def test_generation_needs_as_many_images_as_slots(tiny):
+    vlm, tok = tiny
+    prompts, _ = three_prompts(tok)
+    imgs = torch.from_numpy(rand_images(1, vlm.image_spec['size']))
+    with pytest.raises(ValueError):
+        vlm.generate(imgs, [prompts[1]], max_new_tokens=2)  # Template B has slots for two
+
+# -----------------------------------------------------------------------------
+# backbones: other towers, full size, real weights, the frozen-LLM check
+
+
+def test_clip_vision_tower_drops_cls(tmp_path):
+    """Any transformers vision tower with patch hidden states works; CLIP's CLS token is dropped."""
+    d = tmp_path / 'clip'
+    d.mkdir()
+    (d / 'config.json').write_text(json.dumps(dict(model_type='clip_vision_model', hidden_size=32, intermediate_size=64,
+                                                   num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                                                   patch_size=8)))
+    tok = M.load_tokenizer('tiny')
+    vlm = M.build_vlm({**TINY_ARGS, 'vision': f'random:{d}'}, tok)
+    imgs = torch.from_numpy(rand_images(3, vlm.image_spec['size']))
+    assert vlm.encode_images(imgs).shape == (3, 16, 32)  # 4x4 patches, CLS dropped
+    ids = torch.tensor([data.encode_prompt(tok, data.TEMPLATE_A, N_LAT, vlm.slot_id)] * 3)
+    assert vlm.embed(imgs, ids).shape == (3, ids.shape[1], vlm.llm.config.hidden_size)
+
+
+def test_full_size_backbones_on_meta():
+    llm = M.build_llm('random:' + M.DEFAULT_LLM, device='meta')
+    n = M.count_params(llm)
+    assert abs(n - 8.19e9) <= 0.01e9, n
+    assert llm.config.vocab_size == 151936 and not llm.config.tie_word_embeddings
+    vis = M.build_vision('random:' + M.DEFAULT_VISION, device='meta')
+    nv = M.count_params(vis)
+    assert abs(nv - 0.43e9) <= 0.01e9, nv
+    M.truncate_vision(vis, -2)
+    root = getattr(vis, 'vision_model', vis)
+    assert len(root.encoder.layers) == 26 and M.count_params(vis) < nv
+    if (ASSETS / 'Qwen3-8B-Base' / 'config.json').exists():
+        # the architecture written into model.py agrees with the real config.json
+        llm2 = M.build_llm('random:' + str(ASSETS / 'Qwen3-8B-Base'), device='meta')
+        assert M.count_params(llm2) == n
+
+
+def test_qwen_tokenizer_prompt():
+    d = ASSETS / 'Qwen3-8B-Base'
+    if not (d / 'tokenizer.json').exists():
+        pytest.skip('../shared/assets/Qwen3-8B-Base not present')
+    tok = M.load_tokenizer(str(d))
+    sp = M.special_ids(tok)
+    assert sp == dict(eos=151643, slot=151655, vision_start=151652, vision_end=151653)
+    b = data.SampleBuilder(tok, 64, sp['slot'], sp['eos'], (sp['vision_start'], sp['vision_end']), 1536)
+    assert b.prompt_a[:66] == [sp['vision_start']] + [sp['slot']] * 64 + [sp['vision_end']]
+    assert tok.decode(b.prompt_a[66:]) == '\nDescribe the image in one sentence.\n'
+    cap = tok('A cat on a mat.', add_special_tokens=False)['input_ids']
+    ids, labels = b.build([cap])
+    assert tok.decode([l for l in labels if l != -100]) == 'A cat on a mat.<|endoftext|>'
+
+
+def test_backbones_load_from_local_dirs(tmp_path, tiny):
+    """The real loading path (from_pretrained on a directory), exercised on tiny backbones:
+    the vision tower is saved as a full SigLIP model (text + vision, like the hub's
+    google/siglip-so400m-patch14-384) and only its vision half must be loaded. The saved
+    weights are perturbed, so a loader that silently kept the seeded init would fail."""
+    from transformers import SiglipConfig, SiglipModel
+    vlm, tok = tiny
+    g = torch.Generator().manual_seed(1)
+    ref_vision = M.build_vision('tiny')
+    ref_llm = M.build_llm('tiny', vocab_size=len(tok))
+    with torch.no_grad():
+        for p in list(ref_vision.parameters()) + list(ref_llm.parameters()):
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    vcfg = ref_vision.config.to_dict()
+    full = SiglipModel(SiglipConfig(vision_config=vcfg, text_config=dict(hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=1, num_attention_heads=2, vocab_size=100)))
+    missing = full.vision_model.load_state_dict(ref_vision.state_dict(), strict=False)
+    assert not missing.unexpected_keys
+    full.save_pretrained(tmp_path / 'siglip')
+    ref_llm.save_pretrained(tmp_path / 'llm')
+    loaded = M.build_vlm({**TINY_ARGS, 'vision': str(tmp_path / 'siglip'), 'llm': str(tmp_path / 'llm')}, tok,
+                         connector_state=vlm.connector.state_dict()).eval()
+    assert loaded.image_spec['size'] == vlm.image_spec['size']
+    M.truncate_vision(ref_vision, TINY_ARGS['vision_feature_layer'])
+    imgs = torch.from_numpy(rand_images(2, vlm.image_spec['size']))
+    x = ((imgs.float() - loaded.pix_mean) / loaded.pix_std)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.vision(pixel_values=x).last_hidden_state,
+                                   ref_vision(pixel_values=x).last_hidden_state)
+        assert not torch.allclose(loaded.encode_images(imgs), vlm.encode_images(imgs))
+        ids = torch.tensor([[tok.eos_token_id, 5, 6, 7]])
+        torch.testing.assert_close(loaded.llm(input_ids=ids).logits, ref_llm(input_ids=ids).logits)
+    with pytest.raises(UserError, match='cannot load llm'):
+        M.build_llm(str(tmp_path / 'siglip' / 'nothing-here'))
+
+
+def test_llm_check_fails_when_llm_is_perturbed():
+    vlm, tok = build_tiny()
+    diff, ok = evaluate.llm_untouched(vlm, tok, TINY_ARGS, ['a red circle at the top left.'])
+    assert ok and diff == 0.0
+    with torch.no_grad():
+        vlm.llm.get_decoder().layers[0].mlp.down_proj.weight.mul_(1.01)
+    diff, ok = evaluate.llm_untouched(vlm, tok, TINY_ARGS, ['a red circle at the top left.'])
+    assert not ok and diff > 1e-4

@@ -1,0 +1,161 @@
+"""
+Tests of sample.py (the command line) and evaluate.py (generation, the evaluation report) on
+the CPU demo's checkpoint: captions for a synthetic image and for real photos of any mode,
+the exported connector, the report written at the end of training against the untrained
+baseline, and the report writer itself.
+
+$ python -m pytest -q test_sample.py
+"""
+import json
+import os
+import re
+
+import pytest
+from PIL import Image
+
+import evaluate
+import model as M
+import sample
+from common import resolve_device
+from conftest import ASSETS, assert_ok, image_folder, run_scripts_side_by_side
+from images import load_image
+from metrics import score_rows
+
+
+@pytest.fixture(scope='module')
+def sample_scripts(demo_run, synthetic, tmp_path_factory):
+    """sample.py run twice side by side: captioning one synthetic image, and --eval of the
+    untrained connector. ({name: CompletedProcess}, the untrained report folder)."""
+    base = tmp_path_factory.mktemp('untrained')
+    img = next(image_folder(synthetic).rglob('*.jpg'))
+    done = run_scripts_side_by_side({
+        'caption': ['sample.py', '--ckpt', demo_run / 'ckpt.pt', '--image', img, '--device', 'cpu',
+                    '--max_new_tokens', '24'],
+        'untrained': ['sample.py', '--ckpt', demo_run / 'ckpt.pt', '--eval', '--untrained', '--num', '40',
+                      '--no_llm_check', '--out', base, '--device', 'cpu'],
+    })
+    return done, base
+
+# -----------------------------------------------------------------------------
+# captions
+
+
+def test_sample_cli_captions_a_synthetic_image(sample_scripts):
+    p = sample_scripts[0]['caption']
+    assert_ok(p)
+    lines = [ln for ln in p.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1 and len(lines[0].split()) >= 2, p.stdout
+    assert sum(w.strip('.,:;?!').isalpha() for w in lines[0].split()) >= 2, lines[0]
+
+
+def test_sample_real_photos_any_mode(demo_run, capsys):
+    """One line per file of a directory (a 200-step tiny model may well answer a photo with an
+    immediate eos, so only the synthetic image above must get words), then an RGBA and a
+    grayscale file as one Template B prompt."""
+    folder = ASSETS / 'images'
+    if not folder.is_dir():
+        pytest.skip('../shared/assets/images not present')
+    files = {f.name: f for f in folder.iterdir()}
+    modes = {n: Image.open(f).mode for n, f in files.items()}
+    picks = [next((n for n in sorted(files) if modes[n] == m), None) for m in ('RGBA', 'L')]
+    if None in picks:
+        pytest.skip(f'no RGBA and grayscale photo in {folder}: {modes}')
+    sample.main(['--ckpt', str(demo_run / 'ckpt.pt'), '--image', str(folder), '--device', 'cpu',
+                 '--max_new_tokens', '16'])
+    lines = capsys.readouterr().out.splitlines()
+    for f in files.values():
+        if f.suffix.lower() in sample.IMAGE_EXTS:
+            assert sum(ln.startswith(f'{f}:') for ln in lines) == 1, lines
+    sample.main(['--ckpt', str(demo_run / 'ckpt.pt'), '--image', str(files[picks[0]]), '--image',
+                 str(files[picks[1]]), '--device', 'cpu', '--max_new_tokens', '24', '--temperature', '0.7',
+                 '--num_samples', '2'])
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(ln.startswith(f'{files[picks[0]]} + {files[picks[1]]}:') for ln in lines) == 2, lines
+
+
+def test_export_connector_roundtrip(demo_run, synthetic, tmp_path):
+    """--export writes safetensors + JSON; the folder loads and captions the same."""
+    out = tmp_path / 'export'
+    sample.main(['--ckpt', str(demo_run / 'ckpt.pt'), '--export', str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ['connector.safetensors', 'connector_config.json']
+    img = str(next(image_folder(synthetic).rglob('*.jpg')))
+    device, dtype = resolve_device('cpu')
+    caps = []
+    for src in (demo_run / 'ckpt.pt', out):
+        vlm, tok, _ = M.from_checkpoint(str(src), device, dtype)
+        caps.append(evaluate.caption_batch(vlm, tok, [[load_image(img, vlm.image_spec)]], max_new_tokens=12))
+    assert caps[0] == caps[1]
+
+# -----------------------------------------------------------------------------
+# the evaluation report
+
+
+def test_eval_report_of_training(demo_run):
+    """The report written at the end of training: files exist, the markdown links resolve,
+    the frozen LLM check passes."""
+    rep = demo_run / 'report'
+    md = (rep / 'report.md').read_text()
+    for link in re.findall(r'\]\(([^)]+)\)', md):
+        assert (rep / link).exists(), link
+    m = json.loads((rep / 'metrics.json').read_text())
+    assert m['llm_untouched']['ok'] and m['val']['n_captions'] >= 40 and m['qa']['n_qa'] > 0
+    rows = [json.loads(line) for line in (rep / 'generations.jsonl').read_text().splitlines()]
+    assert any(r['id'].startswith('golden/') for r in rows) and any('answers' in r for r in rows)
+
+
+def test_trained_connector_beats_the_untrained_one(demo_run, sample_scripts):
+    """sample.py --eval --untrained: the trained connector wins on val loss and CIDEr-D."""
+    done, base_dir = sample_scripts
+    assert_ok(done['untrained'])
+    m = json.loads((demo_run / 'report' / 'metrics.json').read_text())
+    base = json.loads((base_dir / 'metrics.json').read_text())
+    assert base['val']['loss'] > m['val']['loss'] + 1.0
+    assert base['val']['cider_d'] < m['val']['cider_d']
+
+
+def test_write_report(tmp_path):
+    img_dir = tmp_path / 'images'
+    img_dir.mkdir()
+    Image.new('RGB', (640, 480), (200, 30, 30)).save(img_dir / 'red.jpg')
+    Image.new('L', (50, 300), 128).save(img_dir / 'grey.png')
+    (img_dir / 'broken.jpg').write_bytes(b'not a jpeg')
+    rows = [
+        {'id': 'r0', 'image': str(img_dir / 'red.jpg'), 'prompt': '<image>\nDescribe the image.',
+         'generation': 'A red square.', 'references': ['A red square on a white background.']},
+        {'id': 'r|1', 'image': str(img_dir / 'grey.png'), 'prompt': 'p',
+         'generation': 'A grey bar with a dog.', 'references': ['A grey rectangle.']},
+        {'id': 'r2', 'image': str(img_dir / 'missing.jpg'), 'prompt': 'p',
+         'generation': 'Nothing.', 'references': ['A blue circle.']},
+        {'id': 'r3', 'image': str(img_dir / 'broken.jpg'), 'prompt': 'p',
+         'generation': 'A cat.', 'references': ['A cat.']},
+        {'id': 'r4', 'pil': Image.new('RGBA', (300, 300), (0, 0, 255, 128)), 'prompt': 'p',
+         'generation': 'A blue circle.', 'references': ['A blue circle.']},
+        {'id': 'q0', 'image': [str(img_dir / 'red.jpg'), str(img_dir / 'grey.png')],
+         'prompt': 'What is in the image?', 'generation': 'a red square', 'answers': ['red square']},
+    ]
+    metrics = {'val': score_rows(rows[:5]), 'qa': score_rows(rows[5:]), 'llm_untouched': True}
+    out = tmp_path / 'report'
+    path = evaluate.write_report(str(out), rows, metrics)
+    assert path == str(out / 'report.md')
+
+    lines = (out / 'generations.jsonl').read_text().splitlines()
+    assert len(lines) == len(rows)
+    first = json.loads(lines[0])
+    assert list(first)[:5] == ['id', 'image', 'prompt', 'generation', 'references']
+    assert {'bleu4', 'cider_d', 'hallucinated'} <= set(first)
+    assert json.loads(lines[1])['hallucinated'] == ['dog']
+    assert json.loads(lines[4])['image'] is None and 'pil' not in json.loads(lines[4])
+    assert json.loads(lines[5])['exact'] is True
+
+    md = (out / 'report.md').read_text()
+    assert 'val.cider_d' in md and 'val.bleu4' in md and 'qa.qa_exact' in md and 'llm_untouched' in md
+    assert 'Caption length in words: val.length' in md
+    assert 'r\\|1' in md  # a pipe in a cell must not split the table row
+    links = re.findall(r'!\[[^\]]*\]\(([^)]+)\)', md)
+    # red, grey, the PIL image, and both images of the two-image row; missing/broken skipped
+    assert len(links) == 5
+    for link in links:
+        assert not os.path.isabs(link) and link.startswith('thumbs/')
+        with Image.open(out / link) as im:
+            assert im.format == 'JPEG' and max(im.size) == 128
+    assert sorted(os.listdir(out / 'thumbs')) == sorted(os.path.basename(l) for l in links)
