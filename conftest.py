@@ -45,7 +45,10 @@ def tiny_config():
 
 
 CFG = tiny_config()
-TINY_ARGS = {**M.MODEL_DEFAULTS, 'tokenizer': 'tiny', **{k: v for k, v in CFG.items() if k in M.MODEL_KEYS}}
+# the demo's model sizes; the LLM is the random tiny one (fast, no pretraining needed): the
+# tests that need the pretrained tiny LLM (the demo's) pass --llm=<the synthetic fixture's>
+TINY_ARGS = {**M.MODEL_DEFAULTS, 'tokenizer': 'tiny', **{k: v for k, v in CFG.items() if k in M.MODEL_KEYS},
+             'llm': 'tiny'}
 N_LAT = TINY_ARGS['n_latents']
 MAX_SEQ = CFG['max_seq_len']
 
@@ -104,9 +107,9 @@ def run_scripts_side_by_side(jobs, timeout=300):
 
 
 def train_args(data_dir, out_dir, *extra):
-    """train.py on the CPU demo config, no loader workers."""
+    """train.py on the CPU demo config with the random tiny LLM, no loader workers."""
     return ['train.py', TINY_CONFIG, f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--device=cpu',
-            '--num_workers=0', *extra]
+            '--num_workers=0', '--llm=tiny', *extra]
 
 
 def read_log(out_dir):
@@ -174,9 +177,12 @@ def image_folder(prepared_dir):
 @pytest.fixture(scope='session')
 def synthetic(tmp_path_factory):
     """600 drawn shape images with exact captions, in the LLaVA layout, prepared with the
-    tiny tokenizer by the real preparation script. 10 % val so val losses are not noise."""
+    tiny tokenizer by the real preparation script (10 % val so val losses are not noise), and
+    the tiny LLM pretrained on their text (a shorter pretraining than the demo's) in
+    <data_dir>/tiny_llm."""
     d = tmp_path_factory.mktemp('synthetic')
-    p = run_script(['prepare_llava.py', '--synthetic', 600, '--data_dir', d, '--val_ratio', 0.1], timeout=120)
+    p = run_script(['prepare_llava.py', '--synthetic', 600, '--data_dir', d, '--val_ratio', 0.1, '--llm_steps', 300],
+                   timeout=600)
     assert_ok(p)
     prepared = d / 'prepared'
     meta = read_meta(prepared)
@@ -206,6 +212,6 @@ def demo_run(synthetic, tmp_path_factory):
     sample.py and the error tests). `--lr` also exercises the configurator's alias end to end."""
     out = tmp_path_factory.mktemp('demo')
     p = run_script(train_args(synthetic, out, '--max_iters=200', '--eval_interval=100', '--log_interval=20',
-                              '--lr=1.5e-3'))
+                              '--lr=1.5e-3', f'--llm={synthetic.parent / "tiny_llm"}'))
     assert_ok(p)
     return out

@@ -431,12 +431,14 @@ def _row_scores(row):
 
 def _metrics_table(metrics):
     """The metrics as one table; with a baseline (metrics['baseline']), side by side."""
+    header = ('checkpoint', 'decoding', 'seed', 'seconds')
     base = dict(_walk_metrics(metrics.get('baseline', {})))
-    found = [(k, v) for k, v in _walk_metrics({k: v for k, v in metrics.items() if k != 'baseline'})
+    found = [(k, v) for k, v in _walk_metrics({k: v for k, v in metrics.items() if k not in ('baseline', *header)})
              if not _is_length_stats(v)]
     if not found:
         return []
-    lines = ['## Metrics', '',
+    about = ', '.join(f'{k} {_fmt(metrics[k])}' for k in header if k in metrics)
+    lines = ['## Metrics', '', _md(about) + ('; untrained: the connector as initialised, same seed' if base else ''), '',
              'val.loss: caption-token loss with the right images; loss_shuffled_images: the same captions with '
              "another sample's image; loss_no_image: the caption from text alone (the connector uses the image "
              'when val.loss is far below both). BLEU-4 (corpus) and CIDEr-D as in the COCO caption evaluation; '

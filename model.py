@@ -313,6 +313,8 @@ def backbone_config(name, tiny):
 
 def _from_pretrained(cls, name, what, **kw):
     """from_pretrained from a local dir or the cache, else the hub; one line on failure."""
+    from transformers.utils import logging
+    logging.disable_progress_bar()  # a bar per load clutters the log; the load time is logged
     try:  # local first: no network needed, no retries
         return cls.from_pretrained(name, local_files_only=True, **kw)
     except (OSError, ValueError) as e:

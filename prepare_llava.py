@@ -119,6 +119,7 @@ def parse_args(argv=None):
     opt('synthetic', type=int, default=None, metavar='N', help='draw N images of shapes with exact captions, '
                                                                'prepare them, and pretrain the tiny demo LLM')
     opt('no_llm', action='store_true', help='with --synthetic: skip the tiny LLM pretraining')
+    opt('llm_steps', type=int, default=600, help='with --synthetic: tiny LLM pretraining steps')
 
     def fail(msg):  # argparse would print usage + error on two lines; keep failures to one line
         raise UserError(f'{msg} (see python prepare_llava.py --help)')
@@ -206,12 +207,15 @@ def _load_json(path):
     try:
         if path.endswith('.jsonl'):
             records = []
-            with open(path, encoding='utf-8-sig') as f:  # -sig: a byte-order mark is not a broken line
+            # -sig: a byte-order mark is not a broken line; surrogateescape: bytes that are not
+            # UTF-8 make their line bad (its encode below fails), not the whole file
+            with open(path, encoding='utf-8-sig', errors='surrogateescape') as f:
                 for line in f:  # one bad line must not lose the file: parse line by line
                     if line.strip():
                         try:
+                            line.encode('utf-8')
                             records.append(json.loads(line))
-                        except (ValueError, RecursionError):
+                        except (ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
                             records.append(None)
                             jsonl_bad += 1
             return records, check_jsonl, jsonl_bad

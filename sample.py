@@ -136,11 +136,11 @@ def main(argv):
     if args.eval:
         return main_eval(args, vlm, tok, ckpt, device)
     pixels, names, skipped = read_images(files, vlm.image_spec)
+    if not pixels:
+        raise UserError(f'none of the {len(files)} image(s) could be read ({skipped[0][0]}: {skipped[0][1]})'
+                        if files else 'no image files (.jpg, .png, ...) in the given directory')
     for f, why in skipped:
         print(f'skipped {f}: {why}', file=sys.stderr)
-    if not pixels:
-        raise UserError(f'none of the {len(files)} image(s) could be read (reasons above)' if files else
-                        'no image files (.jpg, .png, ...) in the given directory')
     temperature = 0.0 if args.greedy else args.temperature
     gen = torch.Generator(device='cpu').manual_seed(args.seed)
     n_markers = args.prompt.replace('\\n', '\n').count('<image>') if args.prompt else 0

@@ -12,7 +12,9 @@ $ python prepare_llava.py --synthetic=2000       # draws, prepares and pretrains
   context, saved with save_pretrained and loaded like a real LLM from its directory.
 """
 import argparse
+import hashlib
 import json
+import math
 import os
 import time
 
@@ -141,6 +143,10 @@ def make(args, prepare):
     meta['qa_file'] = os.path.relpath(write_qa(data_dir, val_images, scenes, args.seed), out_dir)
     from prepare_llava import write_meta
     write_meta(out_dir, meta)
+    if not args.no_llm:
+        val = {rel for (rel,) in val_images}
+        train = [(r['conversations'][1]['value'], scenes[r['image']]) for r in records if r['image'] not in val]
+        pretrain_llm(train, os.path.join(data_dir, 'tiny_llm'), args.seed, args.llm_steps)
     print(f'synthetic total {time.time() - t0:.1f}s')
     return meta
 
@@ -163,3 +169,131 @@ def write_qa(data_dir, val_images, scenes, seed):
     atomic_write_text(path, ''.join(json.dumps(x) + '\n' for x in lines))
     print(f'wrote {len(lines)} QA lines to {path}')
     return path
+
+# -----------------------------------------------------------------------------
+# The tiny LLM, pretrained on text so that it reads its context
+#
+# The real run freezes a pretrained LLM, so the connector only has to write vectors the LLM
+# already knows how to read. A random tiny LLM reads nothing (the connector would have to
+# steer its logits directly), and one trained on the captions alone ignores its context, so
+# no connector could make it use the image. Here each sequence starts with a block of
+# n_block positions exactly where alignment puts the image slots, holding the caption's
+# words (at a random offset, so they are found by content wherever the connector writes them;
+# a few dropped or wrong, so it fills gaps from its prior, as a half-trained connector needs),
+# then Template A's prompt, then the caption. Some sequences ask a QA question instead, and
+# some have an empty block or none, which keeps a caption prior.
+
+P_NO_BLOCK, P_BLANK, P_QA = 0.10, 0.15, 0.10  # the rest: caption words in the block
+P_DROP, P_SWAP = 0.1, 0.1  # block words dropped (filler) or swapped for a random caption word
+TWO_EVERY = 25  # every 25th step is a half batch of Template B (two blocks); alignment mixes in 2 %
+
+
+class Sequences:
+    """Token-level pretraining sequences; a sequence is list concatenation, as in data.SampleBuilder."""
+
+    def __init__(self, tok, scenes, n_block, rng):
+        import data
+        import model as M
+        enc = lambda s: tok(s, add_special_tokens=False)['input_ids']  # noqa: E731
+        ids = M.special_ids(tok)
+        # the filler is the slot token itself: at alignment its embedding is overwritten anyway
+        self.eos, self.filler, self.n_block, self.rng = ids['eos'], ids['slot'], n_block, rng
+        self.caps = [enc(c) for c, _ in scenes]
+        self.qa = [[(enc('\n' + q['question'] + '\n'), enc(q['answers'][0])) for q in qa_lines(None, g, '')]
+                   for _, g in scenes]
+        self.words = np.array(sorted({t for c in self.caps for t in c}))
+        # the text around the slots, tokenised exactly as data.encode_prompt does
+        self.prompt_a = enc(data.TEMPLATE_A.split('<image>')[1])
+        _, self.mid_b, self.prompt_b = (enc(s) for s in data.TEMPLATE_B.split('<image>'))
+        self.prefix_1, self.prefix_2 = (enc(p) for p in data.MULTI_PREFIXES)
+
+    def block(self, cap):
+        rng = self.rng
+        cap = [self.filler if rng.random() < P_DROP else int(rng.choice(self.words))
+               if rng.random() < P_SWAP / (1 - P_DROP) else t for t in cap[:self.n_block]]
+        off = int(rng.integers(0, self.n_block - len(cap) + 1))
+        block = [self.filler] * self.n_block
+        block[off:off + len(cap)] = cap
+        return block
+
+    def sample(self, two=False):
+        """(context, target) of one sequence; the loss is on target + eos only."""
+        rng = self.rng
+        i = int(rng.integers(len(self.caps)))
+        cap = self.caps[i]
+        if two:
+            j = int(rng.integers(len(self.caps)))
+            ctx = self.block(cap) + self.mid_b + self.block(self.caps[j]) + self.prompt_b
+            return ctx, self.prefix_1 + cap + self.prefix_2 + self.caps[j]
+        r = rng.random()
+        if r < P_NO_BLOCK:
+            return self.prompt_a, cap
+        if r < P_NO_BLOCK + P_BLANK:
+            return [self.filler] * self.n_block + self.prompt_a, cap
+        if r < P_NO_BLOCK + P_BLANK + P_QA and self.qa[i]:
+            q, a = self.qa[i][int(rng.integers(len(self.qa[i])))]
+            return self.block(cap) + q, a
+        return self.block(cap) + self.prompt_a, cap
+
+    def batch(self, n, two=False):
+        """Right-padded input ids and next-token labels (-100 off the target)."""
+        import torch
+        rows = [self.sample(two) for _ in range(n)]
+        T = max(len(c) + len(t) + 1 for c, t in rows)
+        x = torch.full((n, T), self.eos, dtype=torch.long)
+        y = torch.full((n, T), -100, dtype=torch.long)
+        for k, (ctx, target) in enumerate(rows):
+            ids = ctx + target + [self.eos]
+            x[k, :len(ids)] = torch.tensor(ids)
+            y[k, len(ctx) - 1:len(ids) - 1] = torch.tensor(target + [self.eos])
+        return x, y
+
+
+def pretrain_llm(scenes, out_dir, seed=1337, steps=600, batch_size=64, lr=3e-3, n_block=32):
+    """The tiny Qwen3 (model.TINY_LLM) pretrained on the train scenes' [(caption, groups)],
+    saved with save_pretrained: train.py loads it like a real LLM (llm='data/synthetic/tiny_llm').
+    Made once: a folder already trained on the same scenes and settings is reused."""
+    import torch
+    import torch.nn.functional as F
+    import model as M
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+    logging.disable_progress_bar()
+    stamp = dict(seed=seed, steps=steps, batch_size=batch_size, lr=lr, n_block=n_block,
+                 scenes=hashlib.sha256(json.dumps(scenes).encode()).hexdigest())
+    stamp_path = os.path.join(out_dir, 'pretraining.json')
+    if os.path.exists(stamp_path) and open(stamp_path).read() == json.dumps(stamp):
+        print(f'tiny llm: {out_dir} is up to date')
+        return out_dir
+    t0 = time.time()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(4, os.cpu_count() or 1))  # a 0.3M-parameter model: more threads only add overhead
+    tok = M.tiny_tokenizer()
+    cfg = M.backbone_config('tiny', M.TINY_LLM)
+    cfg.vocab_size, cfg.eos_token_id = len(tok), tok.eos_token_id
+    with M.seeded('cpu', seed):
+        llm = AutoModelForCausalLM.from_config(cfg)
+    seqs = Sequences(tok, scenes, n_block, np.random.default_rng(seed))
+    opt = torch.optim.AdamW(llm.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    warmup, progress = max(1, steps // 20), Progress('tiny llm pretraining', steps)
+    llm.train()
+    for it in range(steps):
+        ratio = max(0.0, (it - warmup) / max(1, steps - warmup))  # linear warmup, cosine to 10 %
+        for g in opt.param_groups:
+            g['lr'] = lr * ((it + 1) / (warmup + 1) if it < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * ratio)))
+        # Template B sequences are twice as long: a whole half-size batch of them, never one
+        # in a batch of short ones that would pad every row to its length
+        two = it % TWO_EVERY == TWO_EVERY - 1
+        x, y = seqs.batch(batch_size // 2 if two else batch_size, two)
+        logits = llm(input_ids=x).logits
+        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(llm.parameters(), 1.0)
+        opt.step()
+        progress(it + 1)
+    llm.eval().save_pretrained(out_dir)
+    atomic_write_text(stamp_path, json.dumps(stamp))
+    torch.set_num_threads(threads)
+    print(f'tiny llm: pretrained {steps} steps in {time.time() - t0:.1f}s (last loss {loss.item():.3f}) -> {out_dir}')
+    return out_dir

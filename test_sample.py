@@ -9,32 +9,68 @@ $ python -m pytest -q test_sample.py
 import json
 import os
 import re
+import shutil
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import evaluate
 import model as M
 import sample
 from common import resolve_device
-from conftest import ASSETS, assert_ok, image_folder, run_scripts_side_by_side
+from conftest import ASSETS, assert_ok, assert_one_error_line, image_folder, read_meta, run_scripts_side_by_side
 from images import load_image
 from metrics import score_rows
 
 
+def _damaged_copy(synthetic, tmp):
+    """The synthetic dataset copied with the image of val sample 0 and of one golden sample
+    not among the first val samples deleted: (prepared folder, {deleted val indices})."""
+    shutil.copytree(synthetic.parent, tmp / 'data', ignore=shutil.ignore_patterns('tiny_llm'))
+    prepared = tmp / 'data' / 'prepared'
+    meta = read_meta(prepared)
+    index, paths = np.load(prepared / 'val_index.npy'), np.load(prepared / 'image_paths.npy')
+    gone = {0, meta['golden'][-1]}
+    for i in gone:
+        (tmp / 'data' / 'images' / paths[index[i, 2]].decode()).unlink()
+    return prepared, gone
+
+
 @pytest.fixture(scope='module')
 def sample_scripts(demo_run, synthetic, tmp_path_factory):
-    """sample.py run twice side by side: captioning one synthetic image, and --eval of the
-    untrained connector. ({name: CompletedProcess}, the untrained report folder)."""
-    base = tmp_path_factory.mktemp('untrained')
+    """sample.py runs side by side: captioning one synthetic image, --eval of the untrained
+    connector, a folder with unreadable files, mistakes, and --eval --baseline of a dataset
+    with missing images. ({name: CompletedProcess}, folder)."""
+    tmp = tmp_path_factory.mktemp('sample')
     img = next(image_folder(synthetic).rglob('*.jpg'))
+    mixed, broken = tmp / 'mixed', tmp / 'broken'
+    mixed.mkdir()
+    broken.mkdir()
+    for k, f in enumerate(sorted(image_folder(synthetic).rglob('*.jpg'))[:2]):
+        shutil.copy(f, mixed / f'good{k}.jpg')
+    (mixed / 'bad.png').write_bytes(b'not a png')
+    (mixed / 'notes.txt').write_text('not an image, not picked up')
+    (broken / 'bad.jpg').write_bytes(b'\xff\xd8 truncated')
+    ck = torch.load(demo_run / 'ckpt.pt', weights_only=True)
+    torch.save({'connector': ck['connector']}, tmp / 'no_args.pt')
+    damaged, _ = _damaged_copy(synthetic, tmp)
+    cpu = ['--device', 'cpu', '--max_new_tokens', '12']
     done = run_scripts_side_by_side({
         'caption': ['sample.py', '--ckpt', demo_run / 'ckpt.pt', '--image', img, '--device', 'cpu',
                     '--max_new_tokens', '24'],
         'untrained': ['sample.py', '--ckpt', demo_run / 'ckpt.pt', '--eval', '--untrained', '--num', '40',
-                      '--no_llm_check', '--out', base, '--device', 'cpu'],
+                      '--no_llm_check', '--out', tmp / 'untrained', '--device', 'cpu'],
+        'mixed_folder': ['sample.py', '--ckpt', demo_run / 'ckpt.pt', '--image', mixed, *cpu],
+        'broken_folder': ['sample.py', '--ckpt', demo_run / 'ckpt.pt', '--image', broken, *cpu],
+        'ckpt_is_out_dir': ['sample.py', '--ckpt', demo_run, '--image', img, '--greedy', *cpu],
+        'batch_size_0': ['sample.py', '--ckpt', demo_run / 'ckpt.pt', '--image', img, '--batch_size=0'],
+        'ckpt_without_keys': ['sample.py', '--ckpt', tmp / 'no_args.pt', '--image', img, *cpu],
+        'eval_damaged': ['sample.py', '--ckpt', demo_run / 'ckpt.pt', '--eval', '--baseline', '--data_dir', damaged,
+                         '--num', '24', '--no_llm_check', '--out', tmp / 'damaged', *cpu],
     })
-    return done, base
+    return done, tmp
 
 # -----------------------------------------------------------------------------
 # captions
@@ -86,6 +122,28 @@ def test_export_connector_roundtrip(demo_run, synthetic, tmp_path):
         caps.append(evaluate.caption_batch(vlm, tok, [[load_image(img, vlm.image_spec)]], max_new_tokens=12))
     assert caps[0] == caps[1]
 
+def test_a_folder_with_unreadable_files_captions_the_others(sample_scripts):
+    p = sample_scripts[0]['mixed_folder']
+    assert_ok(p)
+    lines = [ln for ln in p.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 2 and all('good' in ln.split(':')[0] for ln in lines), p.stdout
+    assert 'skipped' in p.stderr and 'bad.png' in p.stderr and 'notes.txt' not in p.stdout + p.stderr
+
+
+def test_a_folder_of_only_unreadable_files_is_one_line(sample_scripts):
+    assert_one_error_line(sample_scripts[0]['broken_folder'], 'could be read')
+
+
+def test_ckpt_may_be_an_out_dir(sample_scripts):
+    p = sample_scripts[0]['ckpt_is_out_dir']
+    assert_ok(p)
+    assert len([ln for ln in p.stdout.splitlines() if ln.strip()]) == 1
+
+
+def test_bad_sample_arguments_are_one_line(sample_scripts):
+    assert_one_error_line(sample_scripts[0]['batch_size_0'], 'batch_size')
+    assert_one_error_line(sample_scripts[0]['ckpt_without_keys'], 'model_args')
+
 # -----------------------------------------------------------------------------
 # the evaluation report
 
@@ -105,12 +163,51 @@ def test_eval_report_of_training(demo_run):
 
 def test_trained_connector_beats_the_untrained_one(demo_run, sample_scripts):
     """sample.py --eval --untrained: the trained connector wins on val loss and CIDEr-D."""
-    done, base_dir = sample_scripts
+    done, tmp = sample_scripts
     assert_ok(done['untrained'])
     m = json.loads((demo_run / 'report' / 'metrics.json').read_text())
-    base = json.loads((base_dir / 'metrics.json').read_text())
+    base = json.loads((tmp / 'untrained' / 'metrics.json').read_text())
     assert base['val']['loss'] > m['val']['loss'] + 1.0
     assert base['val']['cider_d'] < m['val']['cider_d']
+
+
+def test_unreadable_val_images_are_skipped_and_counted(sample_scripts, synthetic):
+    """A val image and a golden image deleted after prepare: the evaluation still finishes,
+    the rows are skipped and counted, for the trained and the untrained connector."""
+    done, tmp = sample_scripts
+    assert_ok(done['eval_damaged'])
+    m = json.loads((tmp / 'damaged' / 'metrics.json').read_text())
+    assert m['val']['skipped_rows'] == 1 and m['val']['skipped_samples'] == 1 and m['val']['n_captions'] == 23
+    assert m['baseline']['val']['skipped_rows'] == 1
+    assert 'skipped' in done['eval_damaged'].stdout
+    golden = read_meta(synthetic)['golden']
+    ids = [json.loads(line)['id'] for line in (tmp / 'damaged' / 'generations.jsonl').read_text().splitlines()]
+    assert f'golden/{golden[-1]}' not in ids and 'val/0' not in ids and 'golden/0' not in ids
+
+
+def test_report_shows_baseline_side_by_side_and_the_loss_curve(sample_scripts):
+    done, tmp = sample_scripts
+    md = (tmp / 'damaged' / 'report.md').read_text()
+    assert '| metric | trained | untrained |' in md
+    row = next(ln for ln in md.splitlines() if ln.startswith('| val.loss |'))
+    trained, untrained = (float(x) for x in row.strip('|').split('|')[1:3])
+    assert untrained > trained + 1.0  # the two columns really are two connectors
+    assert '![train and val loss against step](loss.png)' in md
+    with Image.open(tmp / 'damaged' / 'loss.png') as im:
+        assert im.size[0] >= 400 and len(np.unique(np.asarray(im.convert('RGB')).reshape(-1, 3), axis=0)) > 10
+
+
+def test_golden_rows_are_not_duplicated(demo_run, synthetic):
+    """The golden samples come from the val split: each is captioned and shown once, and the
+    report has no second table of the same rows."""
+    rows = [json.loads(line) for line in (demo_run / 'report' / 'generations.jsonl').read_text().splitlines()]
+    ids = [r['id'] for r in rows]
+    assert len(ids) == len(set(ids))
+    golden = {f'{i}' for i in read_meta(synthetic)['golden']}
+    shown = [i.split('/')[1] for i in ids if i.startswith(('val/', 'golden/'))]
+    assert len(shown) == len(set(shown)) and golden <= set(shown)
+    m = json.loads((demo_run / 'report' / 'metrics.json').read_text())
+    assert 'golden' not in m  # all golden samples are among the val rows scored once
 
 
 def test_write_report(tmp_path):

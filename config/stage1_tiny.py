@@ -1,9 +1,12 @@
-# CPU demo: tiny random backbones on the synthetic shapes dataset, about a minute.
+# CPU demo: a random tiny vision tower, the tiny Qwen3 pretrained on the shapes' text by
+# prepare_llava.py --synthetic (frozen, like the real LLM), on the drawn shapes dataset.
+# About two minutes in all on 2 CPU cores.
 # python prepare_llava.py --synthetic=2000 && python train.py config/stage1_tiny.py
+# (llm='tiny' instead: a random tiny LLM, no pretraining)
 out_dir = 'out-tiny'
 data_dir = 'data/synthetic/prepared'
 vision = 'tiny'
-llm = 'tiny'
+llm = 'data/synthetic/tiny_llm'
 n_latents = 32
 resampler_width = 128
 resampler_depth = 2
