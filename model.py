@@ -311,25 +311,51 @@ def backbone_config(name, tiny):
     return _from_pretrained(AutoConfig, base, 'config')
 
 
-def _from_pretrained(cls, name, what, **kw):
-    """from_pretrained from a local dir or the cache, else the hub; one line on failure."""
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No progress bars and no loading tables: weights the model does not use (the text half
+    of a SigLIP checkpoint) are expected; missing ones are checked by _from_pretrained."""
     from transformers.utils import logging
-    logging.disable_progress_bar()  # a bar per load clutters the log; the load time is logged
-    try:  # local first: no network needed, no retries
-        return cls.from_pretrained(name, local_files_only=True, **kw)
-    except (OSError, ValueError) as e:
-        why = first_line(e)
-    if not os.path.isdir(name):
-        if not hub_reachable():
-            why = 'not in the local Hugging Face cache and the hub is unreachable'
-        else:
-            try:
-                return cls.from_pretrained(name, **kw)
-            except (OSError, ValueError) as e:
-                why = first_line(e)
-    hint = f", or {what}='random:{name}' for random weights" if what in ('llm', 'vision') else ''
-    raise UserError(f"cannot load {what} '{name}' ({why}); download it on a connected machine "
-                    f"(`hf download {name}`) or give a local directory{hint}")
+    logging.disable_progress_bar()
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+
+
+def _from_pretrained(cls, name, what, **kw):
+    """from_pretrained from a local dir or the cache, else the hub; one line on failure. A
+    backbone must find every one of its weights in the checkpoint: a silently random part
+    of a frozen model would waste a whole run."""
+    if not os.path.isdir(name) and (name.startswith(('/', '.', '~')) or name.count('/') > 1):
+        raise UserError(f"cannot load {what} '{name}': no such directory (a hub id looks like 'org/name')")
+    weights = what in ('llm', 'vision')
+    out, why = None, ''
+    for local in (True, False):  # local first: no network needed, no retries
+        if not local and (os.path.isdir(name) or not hub_reachable()):
+            why = why if os.path.isdir(name) else 'not in the local Hugging Face cache and the hub is unreachable'
+            break
+        try:
+            with _quiet_transformers():
+                out = cls.from_pretrained(name, local_files_only=local, **kw,
+                                          **(dict(output_loading_info=True) if weights else {}))
+            break
+        except (OSError, ValueError) as e:
+            why = first_line(e)
+    if out is None:
+        hint = f", or {what}='random:{name}' for random weights" if weights else ''
+        raise UserError(f"cannot load {what} '{name}' ({why}); download it on a connected machine "
+                        f"(`hf download {name}`) or give a local directory{hint}")
+    if not weights:
+        return out
+    model, info = out
+    if info.get('missing_keys'):
+        missing = sorted(info['missing_keys'])
+        raise UserError(f"{what} '{name}' lacks {len(missing)} of its weights ({missing[0]}, ...): the checkpoint "
+                        f"does not match its config.json")
+    return model
 
 
 @contextlib.contextmanager

@@ -69,3 +69,24 @@ def test_bad_config_files(tmp_path):
     assert "'batch_size'" in str(e.value)
     with pytest.raises(UserError):
         configurator.configure(defaults(), [str(tmp_path / 'missing.py')])
+
+
+@pytest.mark.parametrize('text, line, what', [
+    ('batch_size = 8\n\nlearning_rate = (1e-3\n', 3, 'syntax error'),
+    ('batch_size = 8\nimport math\n\nlearning_rate = math.log(-1)\n', 4, 'ValueError'),
+    ('def lr():\n    return 1 / 0\n\n\nlearning_rate = lr()\n', 2, 'ZeroDivisionError'),
+])
+def test_a_broken_config_file_is_one_line_with_file_and_line(tmp_path, text, line, what):
+    f = tmp_path / 'broken.py'
+    f.write_text(text)
+    with pytest.raises(UserError) as e:
+        configurator.configure(defaults(), [str(f)])
+    msg = str(e.value)
+    assert msg.startswith(f'{f}:{line}:') and what in msg and '\n' not in msg, msg
+
+
+def test_a_config_path_that_is_a_directory_or_missing_is_one_line(tmp_path):
+    for path, what in ((tmp_path, 'directory'), (tmp_path / 'missing.py', 'not found')):
+        with pytest.raises(UserError) as e:
+            configurator.configure(defaults(), [str(path)])
+        assert str(path) in str(e.value) and what in str(e.value) and '\n' not in str(e.value), str(e.value)

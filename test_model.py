@@ -415,3 +415,20 @@ def test_llm_check_fails_when_llm_is_perturbed():
         vlm.llm.get_decoder().layers[0].mlp.down_proj.weight.mul_(1.01)
     diff, ok = evaluate.llm_untouched(vlm, tok, TINY_ARGS, ['a red circle at the top left.'])
     assert not ok and diff > 1e-4
+
+
+def test_a_backbone_checkpoint_missing_weights_is_one_line(tmp_path, tiny):
+    """A checkpoint that lacks some of its architecture's weights would leave part of the
+    frozen LLM random without a word: it is refused, naming a missing weight."""
+    from safetensors.torch import load_file, save_file
+    _, tok = tiny
+    M.build_llm('tiny', vocab_size=len(tok)).save_pretrained(tmp_path / 'llm')
+    weights = load_file(tmp_path / 'llm' / 'model.safetensors')
+    dropped = next(k for k in sorted(weights) if 'layers.1.mlp' in k)
+    save_file({k: v for k, v in weights.items() if k != dropped}, tmp_path / 'llm' / 'model.safetensors',
+              metadata={'format': 'pt'})
+    with pytest.raises(UserError, match='lacks 1 of its weights') as e:
+        M.build_llm(str(tmp_path / 'llm'), vocab_size=len(tok))
+    assert dropped in str(e.value)
+    with pytest.raises(UserError, match='no such directory'):
+        M.build_llm(str(tmp_path / 'nope'))

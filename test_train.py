@@ -1,12 +1,15 @@
 """
-Tests of train.py, run as a script on the CPU demo config: an interrupted run (kill -9 or
-SIGTERM) resumes on exactly the uninterrupted trajectory, DDP over two processes equals one
-process, gradient accumulation equals one big batch, and non-finite steps are skipped, then
-stop the run.
+Tests of train.py, run as a script on the CPU demo config: DDP over two processes equals one
+process (updates and val loss), gradient accumulation equals one big batch, grad_clip=0 means
+no clipping, non-finite steps are skipped, then stop the run; every bad setting is one line
+before any work; a checkpoint write that fails leaves the old checkpoint; damaged images are
+counted (between log lines and across a resume) and a golden image that cannot be read is a
+warning, not the end of the run. Stopping and resuming: test_resume.py.
 
-$ python -m pytest -q test_train.py          # about a minute on 2 CPU cores
+$ python -m pytest -q test_train.py          # about a minute and a half on 2 CPU cores
 """
-import os
+import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,91 +18,9 @@ import time
 import pytest
 import torch
 
-from conftest import ENV, ROOT, assert_ok, assert_one_error_line, popen_script, read_log, run_script, train_args
-
-# -----------------------------------------------------------------------------
-# resume == uninterrupted
-
-
-def by_iter(records):
-    """(iter, 'train'|'val') -> record"""
-    return {(r['iter'], 'val' if 'val_loss' in r else 'train'): r for r in records}
-
-
-def assert_same_trajectory(ref, got, first_iter, last_iter):
-    ref = by_iter(ref)
-    train_iters = [r['iter'] for r in got if 'loss' in r]
-    assert train_iters == list(range(first_iter, last_iter + 1)), train_iters
-    for r in got:
-        a = ref[(r['iter'], 'val' if 'val_loss' in r else 'train')]
-        for k in ('loss', 'val_loss', 'grad_norm', 'lr'):
-            if k in r:
-                assert abs(r[k] - a[k]) <= 1e-6, (r['iter'], k, r[k], a[k])
-
-
-def test_resume_equals_uninterrupted(synthetic, tmp_path):
-    N, K = 30, 10  # iterations; eval (and ckpt.pt) every K
-    # golden-set sampling in between must not disturb the trajectory either; the final
-    # evaluation report is left out (the demo run makes one) to save a few seconds per run
-    common = [f'--max_iters={N}', f'--eval_interval={K}', '--log_interval=1', '--eval_iters=2',
-              f'--sample_interval={K}', '--eval_report_num=0']
-    outs = {k: tmp_path / k for k in 'ABC'}
-    procs = {k: popen_script(train_args(synthetic, outs[k], *common), tmp_path / f'{k}.txt') for k in 'ABC'}
-    try:
-        # B: SIGKILL once the iteration-K checkpoint exists and a few more steps have run.
-        # C: SIGTERM between two checkpoints (after step 3, before the first eval checkpoint).
-        pending, t0 = {'B', 'C'}, time.time()
-        while pending:
-            for k in sorted(pending):
-                if procs[k].poll() is not None:
-                    pytest.fail(f'run {k} ended (exit {procs[k].returncode}) before it could be interrupted')
-            steps = {k: max([r['iter'] for r in read_log(outs[k]) if 'loss' in r], default=0) for k in pending}
-            if 'C' in pending and steps['C'] >= 3:
-                assert not (outs['C'] / 'ckpt.pt').exists()
-                os.kill(procs['C'].pid, signal.SIGTERM)
-                pending.discard('C')
-            if 'B' in pending and steps['B'] >= K + 2 and (outs['B'] / 'ckpt.pt').exists():
-                os.kill(procs['B'].pid, signal.SIGKILL)
-                pending.discard('B')
-            if time.time() - t0 > 240:
-                pytest.fail(f'timed out waiting for runs {pending}')
-            time.sleep(0.01)
-        assert procs['B'].wait(60) == -signal.SIGKILL
-        assert procs['C'].wait(120) == 0, (tmp_path / 'C.txt').read_text()[-2000:]
-        assert procs['A'].wait(240) == 0, (tmp_path / 'A.txt').read_text()[-2000:]
-    finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.kill()
-    ref = read_log(outs['A'])
-    assert [r['iter'] for r in ref if 'loss' in r] == list(range(1, N + 1))
-
-    # C wrote a checkpoint on SIGTERM at the step it had reached, and said so
-    ck = torch.load(outs['C'] / 'ckpt.pt', weights_only=True)
-    stopped = ck['iter_num']
-    assert 3 <= stopped < K and 'signal received' in (tmp_path / 'C.txt').read_text()
-    assert max(r['iter'] for r in read_log(outs['C'])) == stopped
-
-    # a resumed run drops the log records of the steps it redoes (one point per step), so
-    # what stays of each log is its records up to the checkpoint's iteration
-    resume_at = {'B': torch.load(outs['B'] / 'ckpt.pt', weights_only=True)['iter_num'], 'C': stopped}
-    assert resume_at['B'] == K
-    kept = {k: [r for r in read_log(outs[k]) if r['iter'] <= resume_at[k]] for k in 'BC'}
-    resumed = {k: popen_script(train_args(synthetic, outs[k], *common, '--init_from=resume'), tmp_path / f'{k}2.txt')
-               for k in 'BC'}
-    for k, p in resumed.items():
-        assert p.wait(240) == 0, (tmp_path / f'{k}2.txt').read_text()[-2000:]
-    logs = {k: read_log(outs[k]) for k in 'BC'}
-    assert all(logs[k][:len(kept[k])] == kept[k] for k in 'BC')
-    # B resumes from the iteration-K checkpoint: iterations K+1..N replay exactly
-    assert_same_trajectory(ref, logs['B'][len(kept['B']):], K + 1, N)
-    assert_same_trajectory(ref, logs['C'][len(kept['C']):], stopped + 1, N)
-    # and the final connectors are the same
-    fa = torch.load(outs['A'] / 'ckpt.pt', weights_only=True)['connector']
-    for k in 'BC':
-        fk = torch.load(outs[k] / 'ckpt.pt', weights_only=True)['connector']
-        for n in fa:
-            torch.testing.assert_close(fk[n], fa[n], atol=1e-6, rtol=0)
+import data
+from conftest import (CFG, ENV, ROOT, assert_ok, assert_one_error_line, image_folder, load_prepared,
+                      popen_script, read_log, run_script, run_scripts_side_by_side, train_args)
 
 # -----------------------------------------------------------------------------
 # DDP and gradient accumulation
@@ -114,11 +35,13 @@ def test_ddp_two_processes(synthetic, tmp_path):
     the gradients were synchronised every step -- an unsynchronised rank 0 would have trained
     on half the data. Both ranks start from rank 0's weights (DDP broadcasts them) and apply
     the same averaged gradients, so matching rank 0 means the ranks stay identical. Per-step
-    grad norms (computed after the all-reduce) must match too."""
-    common = ['--max_iters=4', '--eval_interval=4', '--log_interval=1', '--eval_iters=2', '--batch_size=8',
+    grad norms (computed after the all-reduce) must match too. The val batches are split over
+    the ranks (3 batches: 2 on rank 0, 1 on rank 1) and the sums all-reduced, so the val losses
+    equal the single process's too."""
+    common = ['--max_iters=4', '--eval_interval=4', '--log_interval=1', '--eval_iters=3', '--batch_size=8',
               '--gradient_accumulation_steps=2', '--multi_image_frac=0.0']
     ddp_out, one_out = tmp_path / 'ddp', tmp_path / 'one'
-    one = popen_script(train_args(synthetic, one_out, *common), tmp_path / 'one.txt')
+    one = popen_script(train_args(synthetic, one_out, *common, '--eval_report_num=0'), tmp_path / 'one.txt')
     ddp = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                           *map(str, train_args(synthetic, ddp_out, *common))],
                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
@@ -137,6 +60,10 @@ def test_ddp_two_processes(synthetic, tmp_path):
     gb = [r['grad_norm'] for r in read_log(one_out) if 'loss' in r]
     assert min(ga) > 0.1  # real updates happened, so equal weights after 4 steps mean something
     assert ga == pytest.approx(gb, abs=1e-5)
+    va = [(r['iter'], r['val_loss']) for r in log if 'val_loss' in r]
+    vb = [(r['iter'], r['val_loss']) for r in read_log(one_out) if 'val_loss' in r]
+    assert [i for i, _ in va] == [i for i, _ in vb] == [0, 4]
+    assert [v for _, v in va] == pytest.approx([v for _, v in vb], abs=1e-5)
 
 
 def test_gradient_accumulation_equals_one_big_batch(synthetic, tmp_path):
@@ -174,3 +101,241 @@ def test_nonfinite_steps_are_skipped_then_stop(synthetic, tmp_path):
     assert len(skipped) == 2
     ck = torch.load(out / 'ckpt_last_good.pt', weights_only=True)
     assert ck['nonfinite_total'] == 2
+
+# -----------------------------------------------------------------------------
+# grad_clip
+
+
+def test_grad_clip_zero_means_no_clipping(synthetic, tmp_path):
+    """grad_clip=0 is "no clipping": the same steps as a clip too large to bite (1e9), while
+    a clip that bites (1e-6) changes them."""
+    common = ['--max_iters=4', '--eval_interval=4', '--log_interval=1', '--eval_iters=1', '--eval_report_num=0',
+              '--sample_interval=0']
+    clips = ('0', '1e9', '1e-6')
+    done = run_scripts_side_by_side({c: train_args(synthetic, tmp_path / c, f'--grad_clip={c}', *common)
+                                     for c in clips})
+    loss = {}
+    for c in clips:
+        assert_ok(done[c])
+        loss[c] = [r['loss'] for r in read_log(tmp_path / c) if 'loss' in r]
+    assert loss['0'] == loss['1e9'] and len(loss['0']) == 4
+    assert loss['1e-6'][0] == loss['0'][0]  # the first step's loss is computed before any update
+    assert max(abs(a - b) for a, b in zip(loss['1e-6'][1:], loss['0'][1:])) > 1e-3, loss
+
+# -----------------------------------------------------------------------------
+# bad settings: one line, before any work
+
+BAD_SETTINGS = {  # name: (overrides, what the line must name)
+    'batch_size=-1': (['--batch_size=-1'], 'batch_size'),
+    'batch_size=0': (['--batch_size=0'], 'batch_size'),
+    'gradient_accumulation_steps=0': (['--gradient_accumulation_steps=0'], 'gradient_accumulation_steps'),
+    'eval_interval=0': (['--eval_interval=0'], 'eval_interval'),
+    'log_interval=0': (['--log_interval=0'], 'log_interval'),
+    'lr=-1': (['--lr=-1'], 'learning_rate'),
+    'dtype=float16': (['--dtype=float16'], 'dtype'),
+    'device=cuda': (['--device=cuda'], 'cuda'),
+    'resampler_heads=3': (['--resampler_heads=3'], 'resampler_heads'),
+    'num_workers=-1': (['--num_workers=-1'], 'num_workers'),
+    "out_dir=''": (['--out_dir='], 'out_dir'),
+    'init_from=bogus': (['--init_from=bogus'], 'init_from'),
+    'grad_clip=-1': (['--grad_clip=-1'], 'grad_clip'),
+    'multi_image_frac=2': (['--multi_image_frac=2'], 'multi_image_frac'),
+    'epochs=0': (['--epochs=0'], 'epochs'),
+    'max_iters=-5': (['--max_iters=-5'], 'max_iters'),
+    "data_dir='a:0'": (['--data_dir=a:0'], "data_dir: the weight of 'a'"),
+    'config file raises at line 2': ([], 'raises.py:2:'),
+}
+
+
+# Each case fails in about a second, nearly all of it importing torch: one interpreter imports
+# what train.py imports, then forks a child per case that runs train.py as __main__ with the
+# case's argv and ends as the interpreter ends a script (an exception that reaches the top goes
+# to sys.excepthook, which train.py sets; exit 1). 18 cases cost about 2 CPU-seconds instead of 25.
+# A case that does not fail fast (a setting that is not checked) is stopped by SIGALRM after a minute.
+FORKED = r"""
+import atexit, json, os, runpy, signal, sys
+import data, evaluate, model  # noqa: F401 (torch and transformers, imported once before the forks)
+children = {}
+for name, (argv, log) in json.loads(sys.argv[1]).items():
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(60)
+        os.dup2(os.open(log + '.out', os.O_WRONLY | os.O_CREAT), 1)
+        os.dup2(os.open(log + '.err', os.O_WRONLY | os.O_CREAT), 2)
+        sys.argv, code = argv, 0
+        try:
+            runpy.run_path(argv[0], run_name='__main__')
+        except SystemExit as e:  # sys.exit(n) or sys.exit('message')
+            code = e.code
+            if not isinstance(code, int) and code is not None:
+                print(code, file=sys.stderr)
+                code = 1
+        except BaseException:
+            sys.excepthook(*sys.exc_info())
+            code = 1
+        atexit._run_exitfuncs()
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(code or 0)
+    children[pid] = name
+print(json.dumps({children[pid]: os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children}))
+"""
+
+
+def run_forked(jobs, tmp):
+    """{name: train.py argv} run side by side as forks of one interpreter: {name: CompletedProcess}."""
+    spec = {k: ([str(a) for a in argv], str(tmp / f'job{i}')) for i, (k, argv) in enumerate(jobs.items())}
+    p = run_script(['-c', FORKED, json.dumps(spec)], timeout=240)
+    assert_ok(p)
+    assert not p.stderr, p.stderr[-2000:]  # the imports alone print nothing (a real run would show it)
+    codes = json.loads(p.stdout.splitlines()[-1])
+    return {k: subprocess.CompletedProcess(argv, codes[k], open(log + '.out').read(), open(log + '.err').read())
+            for k, (argv, log) in spec.items()}
+
+
+@pytest.fixture(scope='module')
+def bad_setting_runs(synthetic, tmp_path_factory):
+    """Every bad setting, run side by side: {name: (result, its out_dir)}."""
+    tmp = tmp_path_factory.mktemp('settings')
+    (tmp / 'raises.py').write_text('batch_size = 8\nlearning_rate = 1 / 0\n')
+    jobs, outs = {}, {}
+    for k, (over, _) in BAD_SETTINGS.items():
+        if k == 'device=cuda' and torch.cuda.is_available():
+            continue
+        outs[k] = tmp / f'out{len(jobs)}'
+        jobs[k] = [*train_args(synthetic, outs[k], *over), *([tmp / 'raises.py'] if k.startswith('config') else [])]
+    return {k: (p, outs[k]) for k, p in run_forked(jobs, tmp).items()}
+
+
+@pytest.mark.parametrize('name', list(BAD_SETTINGS))
+def test_bad_setting_is_one_line_before_any_work(bad_setting_runs, name):
+    if name not in bad_setting_runs:
+        pytest.skip('a GPU is visible: device=cuda is a valid setting here')
+    p, out = bad_setting_runs[name]
+    assert_one_error_line(p, BAD_SETTINGS[name][1])
+    assert not out.exists()  # nothing was written
+
+# -----------------------------------------------------------------------------
+# a checkpoint write that fails
+
+
+def test_a_failed_checkpoint_write_keeps_the_old_checkpoint(synthetic, tmp_path):
+    """train.py under a 1 MiB file-size limit (SIGXFSZ ignored, so the write fails with EFBIG,
+    as on a full disk): the checkpoint write at the first eval fails; one line, exit 1, the
+    previous ckpt.pt intact and no temp file left."""
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'ckpt.pt').write_bytes(b'the previous checkpoint')
+    limited = ('import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); '
+               'resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20)); sys.argv = sys.argv[1:]; '
+               'runpy.run_path(sys.argv[0], run_name="__main__")')
+    p = run_script(['-c', limited, *train_args(synthetic, out, '--max_iters=2', '--eval_interval=2', '--eval_iters=1',
+                                               '--eval_report_num=0', '--sample_interval=0')])
+    line = assert_one_error_line(p, str(out / 'ckpt.pt'), 'file-size limit')
+    assert p.returncode == 1, line
+    assert (out / 'ckpt.pt').read_bytes() == b'the previous checkpoint'
+    assert not (out / 'ckpt.pt.tmp').exists()
+
+# -----------------------------------------------------------------------------
+# damaged images: counted, never the end of the run
+
+LOG_EVERY, REPORT_NUM = 5, 8
+
+
+@pytest.fixture(scope='module')
+def damaged(synthetic, tmp_path_factory):
+    """A copy of the synthetic images with 1 train image in 13 deleted or overwritten with junk,
+    and one golden val image (among the first REPORT_NUM val samples) deleted. 20 steps, logged
+    every LOG_EVERY, golden samples every 5 and the final report; stopped by SIGTERM after the
+    first log line (so between two), then resumed. (first run, resumed run, out_dir, golden
+    index, the step the first run stopped at)."""
+    tmp = tmp_path_factory.mktemp('damaged')
+    images = tmp / 'images'
+    shutil.copytree(image_folder(synthetic), images)
+    meta, arrays = load_prepared(synthetic)
+    paths = [p.decode() for p in arrays['image_paths.npy']]
+    for n, i in enumerate(sorted({int(i) for i in arrays['train_index.npy'][::13, 2]})):
+        if n % 2:
+            (images / paths[i]).unlink()
+        else:
+            (images / paths[i]).write_bytes(b'not an image')
+    golden = next(g for g in meta['golden'] if g < REPORT_NUM)
+    (images / paths[int(arrays['val_index.npy'][golden, 2])]).unlink()
+    out = tmp / 'out'
+    args = train_args(synthetic, out, f'--image_root={images}', f'--log_interval={LOG_EVERY}', '--max_iters=20',
+                      '--eval_interval=10', '--eval_iters=2', '--sample_interval=5', '--eval_max_new_tokens=8',
+                      f'--eval_report_num={REPORT_NUM}')
+    p = popen_script(args, tmp / 'first.txt')
+    try:
+        t0 = time.time()
+        while p.poll() is None and not any('loss' in r for r in read_log(out)) and time.time() - t0 < 240:
+            time.sleep(0.01)
+        p.send_signal(signal.SIGTERM)
+        p.wait(120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    first = subprocess.CompletedProcess(args, p.returncode, (tmp / 'first.txt').read_text(), '')
+    if p.returncode != 0:
+        return first, None, out, golden, None
+    stopped = torch.load(out / 'ckpt.pt', weights_only=True)['iter_num']
+    return first, run_script([*args, '--init_from=resume']), out, golden, stopped
+
+
+@pytest.fixture(scope='module')
+def replacements(damaged, synthetic, dataset):
+    """How many replacements each of the 20 steps makes: its batches (the order train.py
+    draws) read from the damaged images, counted by the dataset itself."""
+    images = str(damaged[2].parent / 'images')
+    ds = data.CaptionDataset(data.open_prepared(str(synthetic), images), 'train', dataset.builder, dataset.spec)
+    order = iter(data.BatchOrder([ds], [1.0], CFG['batch_size'], 1337, multi_image_frac=CFG['multi_image_frac']))
+    mix = data.Mixture([ds])
+    return [sum(mix[item]['n_bad'] for item in next(order)) for _ in range(20)]
+
+
+def test_bad_images_are_counted_between_log_lines(damaged, replacements):
+    """bad_images of a log line: the replacements of every step since the previous line, also
+    when a preemption checkpoint and a resume came between the two."""
+    first, resumed, out, _, stopped = damaged
+    assert_ok(first)
+    assert_ok(resumed)
+    assert stopped % LOG_EVERY, stopped  # the checkpoint is between two log lines
+    log = [r for r in read_log(out) if 'loss' in r]
+    assert [r['iter'] for r in log] == list(range(LOG_EVERY, 21, LOG_EVERY))
+    starts = [0] + [r['iter'] for r in log[:-1]]
+    # bad images before a window's last step: a count of the last step only would be wrong
+    assert any(sum(replacements[a:r['iter'] - 1]) > 0 for a, r in zip(starts, log)), replacements
+    assert [r['bad_images'] for r in log] == [sum(replacements[a:r['iter']]) for a, r in zip(starts, log)]
+
+
+def test_bad_images_total_is_kept_across_a_resume(damaged, replacements):
+    first, resumed, out, _, _ = damaged
+    assert_ok(resumed)
+    log = [r for r in read_log(out) if 'loss' in r]
+    assert [r['bad_images_total'] for r in log] == [sum(replacements[:r['iter']]) for r in log]
+    assert torch.load(out / 'ckpt.pt', weights_only=True)['bad_images_total'] == sum(replacements)
+
+
+def test_bad_images_show_on_the_console(damaged):
+    first, resumed, out, _, _ = damaged
+    lines = [ln for p in (first, resumed) for ln in p.stdout.splitlines() if ln.startswith('iter ')]
+    bad = {r['iter']: r['bad_images'] for r in read_log(out) if 'loss' in r}
+    assert len(lines) == len(bad) and any(bad.values())
+    for ln in lines:
+        n = bad[int(ln.split()[1].split('/')[0])]
+        assert (f'bad images {n} ' in ln) == (n > 0), ln
+
+
+def test_an_unreadable_golden_image_is_a_warning(damaged):
+    """Golden sampling (every 5 steps) and the final report skip the unreadable image, say so,
+    and count it; the run ends normally."""
+    first, resumed, out, golden, _ = damaged
+    assert_ok(first)
+    assert_ok(resumed)
+    for p in (first, resumed):  # the first run sampled at step 5 before it stopped
+        assert 'warning: 1 golden samples skipped' in p.stdout, p.stdout[-2000:]
+    samples = [json.loads(line) for line in (out / 'samples.jsonl').read_text().splitlines()]
+    assert sorted({r['iter'] for r in samples}) == [5, 10, 15, 20]
+    assert f'golden/{golden}' not in {r['id'] for r in samples}
+    m = json.loads((out / 'report' / 'metrics.json').read_text())
+    assert m['val']['skipped_rows'] == 1 and m['val']['skipped_samples'] == 1, m['val']
+    assert 'report:' in resumed.stdout

@@ -222,11 +222,16 @@ def get_lr(it):
 # -----------------------------------------------------------------------------
 # state: fresh, or exactly where the checkpoint left off
 iter_num, global_pos, best_val_loss, nonfinite_total, bad_total, last_eval_iter = 0, 0, float('inf'), 0, 0, -1
+unlogged = [0] * (1 + len(sources))  # bad images and samples per source since the last log line, all ranks
 if ckpt:
     optimizer.load_state_dict(ckpt['optimizer'])
     iter_num, best_val_loss, last_eval_iter = ckpt['iter_num'], ckpt['best_val_loss'], ckpt['last_eval_iter']
     global_pos = ckpt['global_pos']  # micro-batches over all ranks: resumable with another world size
     nonfinite_total, bad_total = ckpt['nonfinite_total'], ckpt['bad_images_total']
+    saved = ckpt.get('unlogged_counts') or unlogged
+    bad_total -= saved[0]  # counted again at the next log line, with the steps after the checkpoint
+    if master:  # rank 0 carries the sums over all ranks
+        unlogged = saved
 micro_pos = global_pos // world_size
 
 order.start = micro_pos
@@ -278,11 +283,18 @@ def checkpoint_all_ranks(path):
     """Collective: every rank calls it (the RNG states are gathered); rank 0 writes the file,
     atomically (temp file, fsync, rename: a crash mid-write leaves the old file intact)."""
     rng = rng_states()
+    # what the steps since the last log line counted, so the total and the next log line of a
+    # run resumed from a checkpoint between two log lines still count those steps
+    counts = torch.tensor([bad_since_log, *source_counts], dtype=torch.float64, device=device)
+    if ddp:
+        dist.all_reduce(counts)
+    counts = [int(c) for c in counts]
     if master:
         atomic_torch_save(dict(
             version=2, connector=connector.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args,
             config=config, iter_num=iter_num, global_pos=global_pos, best_val_loss=best_val_loss,
-            nonfinite_total=nonfinite_total, bad_images_total=bad_total, last_eval_iter=last_eval_iter, rng=rng), path)
+            nonfinite_total=nonfinite_total, bad_images_total=bad_total + counts[0], unlogged_counts=counts,
+            last_eval_iter=last_eval_iter, rng=rng), path)
 
 
 def trim_logs(upto_iter, upto_eval):
@@ -347,7 +359,7 @@ def sample_golden():
 # -----------------------------------------------------------------------------
 # the loop
 vlm.train()
-consecutive_nonfinite, bad_since_log, source_counts = 0, 0, [0] * len(sources)
+consecutive_nonfinite, bad_since_log, source_counts = 0, unlogged[0], unlogged[1:]
 peak = M.peak_flops(device)
 t_start, it_start = time.time(), iter_num
 while True:
