@@ -229,6 +229,9 @@ def bench_prepare(args):
                                  f'--out_dir={tmp}/prepared'])
         print(f'bench: prepared {args.n:,} records in {wall:.1f}s wall (incl. python start + imports), peak RSS '
               f'{rss:.2f} GiB, {os.cpu_count()} CPUs, tokenizer {args.tokenizer}')
+        bench_open(argparse.Namespace(data_dir=f'{tmp}/prepared'))
+        bench_batching(argparse.Namespace(data_dir=f'{tmp}/prepared', n_latents=args.n_latents,
+                                          batch_size=args.batch_size))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -280,7 +283,7 @@ def bench_batching(args):
     import data
     import model as M
     from images import pack_spec
-    prepared = data.open_prepared(args.data_dir)
+    prepared = data.open_prepared(args.data_dir, image_root='.')  # captions only: the images need not exist
     tok = M.load_tokenizer(prepared['meta']['tokenizer'])
     ids = M.special_ids(tok)
     ds = data.CaptionDataset(prepared, 'train', data.SampleBuilder(tok, args.n_latents, ids['slot'], ids['eos']),
@@ -299,7 +302,7 @@ def bench_batching(args):
 def bench_open(args):
     import data
     t0 = time.time()
-    p = data.open_prepared(args.data_dir)
+    p = data.open_prepared(args.data_dir, image_root='.')  # captions only: the images need not exist
     dt = time.time() - t0
     print(f'opened {args.data_dir}: {len(p["train"][1]) + len(p["val"][1]):,} samples in {dt * 1000:.1f} ms')
 
