@@ -78,7 +78,8 @@ def bench_params(args):
     # LCS-558K captions average ~12 words, ~15 Qwen tokens (+ eos); the Qwen prompt text is ~10 tokens
     seq = prompt + args.caption_tokens + 1
     f = M.flops_per_batch(vlm, 1, [seq], args.caption_tokens + 1)
-    print(f'sequence      {seq} tokens/sample ({args.n_latents} slots + ~{seq - args.n_latents - args.caption_tokens - 1} '
+    n_prompt = seq - args.n_latents - args.caption_tokens - 1
+    print(f'sequence      {seq} tokens/sample ({args.n_latents} slots + ~{n_prompt} '
           f'prompt + {args.caption_tokens} caption + eos)')
     print(f'FLOPs/sample  {f / 1e12:.3f} TFLOP (LLM fwd + input-grad bwd, vision fwd, connector fwd+bwd)')
     for name, peak in (('H100 SXM', 989e12), ('H200', 989e12)):
@@ -184,7 +185,8 @@ def bench_loader(args):
         kinds = {'folder': ['--images', os.path.join(tmp, 'images')],
                  'zip': ['--images', os.path.join(tmp, 'images.zip')],
                  'packed': ['--images', os.path.join(tmp, 'images'), '--pack_images'],
-                 'packed-resized': ['--images', os.path.join(tmp, 'images'), '--pack_images', f'--pack_size={args.size}'],
+                 'packed-resized': ['--images', os.path.join(tmp, 'images'), '--pack_images',
+                                    f'--pack_size={args.size}'],
                  'shards': ['--shards', os.path.join(tmp, 'shards'), f'--data_dir={tmp}/shards']}
         print(f'{args.n} JPEGs 500x375 q90 -> uint8 {args.size}x{args.size}, CPUs: {os.cpu_count()}')
         tok = M.tiny_tokenizer()
@@ -264,7 +266,8 @@ def bench_shards(args):
         with mp.get_context('fork').Pool(2) as pool:
             list(pool.imap_unordered(_write_bench_shards, [(d, s, n, p) for d, s, n, p in jobs]))
         disk = sum(os.path.getsize(os.path.join(tmp, 'shards', f)) for f in os.listdir(f'{tmp}/shards'))
-        print(f'bench: wrote {args.n:,} samples in {n_shards} shards ({disk / 2**30:.2f} GiB) in {time.time() - t0:.0f}s')
+        print(f'bench: wrote {args.n:,} samples in {n_shards} shards ({disk / 2**30:.2f} GiB) in '
+              f'{time.time() - t0:.0f}s')
         wall, rss = run_prepare([f'--shards={tmp}/shards', f'--tokenizer={args.tokenizer}', '--max_dups=0',
                                  f'--out_dir={tmp}/prepared'])
         t0 = time.time()
@@ -358,7 +361,8 @@ def _measure(ctx, name, bs, packing=False, compile=False, grad_ckpt=False, steps
     if compile:
         conn = torch.compile(conn, backend=ctx['backend'])
     order = data.BatchOrder([ctx['ds']], [1.0], bs, 0, multi_image_frac=0.0)
-    loader = data.make_loader(data.Mixture([ctx['ds']]), order, packing, ctx['ds'].builder.max_seq_len, 0 if tiny else 8,
+    loader = data.make_loader(data.Mixture([ctx['ds']]), order, packing, ctx['ds'].builder.max_seq_len,
+                              0 if tiny else 8,
                               ctx['eos'], dev.type == 'cuda')
     it = iter(loader)
     if dev.type == 'cuda':

@@ -1,10 +1,10 @@
 """
-Training-time data: the prepared-dataset reader, sample building (template, image slots,
-labels), multi-image mixing, length-grouped batching or packing, mixtures of several
-prepared datasets, the resumable batch order, and the DataLoader. Image decoding and image
-sources live in images.py.
+Training-time data: the prepared dataset (its format, written by prepare_llava.py and read
+here), sample building (template, image slots, labels), multi-image mixing, length-grouped
+batching or packing, mixtures of several prepared datasets, the resumable batch order, and
+the DataLoader. Image decoding and image sources live in images.py.
 
-A prepared directory (written by prepare_llava.py) holds flat arrays opened with np.memmap /
+A prepared directory holds flat arrays opened with np.memmap /
 np.load(mmap_mode='r'), so opening 558K samples costs no per-sample parsing:
   meta.json                      tokenizer, eos/slot ids, image root (relative) and kind, counts, golden list
   {train,val}_tokens.bin         uint32 caption tokens of the split, concatenated (no eos)
@@ -22,7 +22,7 @@ import signal
 import numpy as np
 import torch
 
-from common import UserError, first_line
+from common import UserError, atomic_write_text, first_line, space_error
 from images import ImageReader, load_image, resolve_root
 
 TEMPLATE_A = '<image>\nDescribe the image in one sentence.\n'
@@ -108,6 +108,51 @@ def _check_image_files(prepared_dir, meta):
         if locs.shape != (n, 3):
             raise UserError(f'{prepared_dir}/image_locs.npy holds {locs.shape}, expected ({n}, 3); run '
                             f'prepare_llava.py again')
+
+
+# -----------------------------------------------------------------------------
+# Writing one (prepare_llava.py): temp names first, then os.replace, meta.json last
+
+
+def write_prepared(out_dir, arrays, meta, packed_tmp=None):
+    """arrays: {file name: ndarray} (.bin raw, .npy np.save). An old meta.json is removed
+    before any old file is replaced, so an interrupted run leaves either the complete old
+    output or no meta.json at all, never a meta next to mismatched arrays. A full disk while
+    writing the temp files leaves the old output untouched and no temp file behind."""
+    os.makedirs(out_dir, exist_ok=True)
+    tmps = {'images_packed.bin': packed_tmp} if packed_tmp else {}
+    try:
+        for name, a in arrays.items():
+            tmps[name] = os.path.join(out_dir, name + '.tmp')
+            with open(tmps[name], 'wb') as f:
+                np.save(f, a) if name.endswith('.npy') else a.tofile(f)
+    except BaseException as e:
+        for tmp in tmps.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        err = space_error(e, os.path.join(out_dir, name))
+        if err:
+            raise err from None
+        raise
+    meta_path = os.path.join(out_dir, 'meta.json')
+    if os.path.exists(meta_path):
+        os.remove(meta_path)
+    for name, tmp in tmps.items():
+        os.replace(tmp, os.path.join(out_dir, name))
+    if not packed_tmp:  # a pack from an earlier run would not match the new image ids
+        for stale in ('images_packed.bin', 'images_packed_offsets.npy'):
+            if os.path.exists(os.path.join(out_dir, stale)):
+                os.remove(os.path.join(out_dir, stale))
+    if 'image_locs.npy' not in arrays and os.path.exists(os.path.join(out_dir, 'image_locs.npy')):
+        os.remove(os.path.join(out_dir, 'image_locs.npy'))
+    write_meta(out_dir, meta)
+
+
+def write_meta(out_dir, meta):
+    atomic_write_text(os.path.join(out_dir, 'meta.json'), json.dumps(meta, indent=1))
+
+# -----------------------------------------------------------------------------
+# Several prepared datasets: data_dir='dirA:1.0,dirB:0.5'
 
 
 def parse_data_dir(spec):

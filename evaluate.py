@@ -438,7 +438,8 @@ def _metrics_table(metrics):
     if not found:
         return []
     about = ', '.join(f'{k} {_fmt(metrics[k])}' for k in header if k in metrics)
-    lines = ['## Metrics', '', _md(about) + ('; untrained: the connector as initialised, same seed' if base else ''), '',
+    about += '; untrained: the connector as initialised, same seed' if base else ''
+    lines = ['## Metrics', '', _md(about), '',
              'val.loss: caption-token loss with the right images; loss_shuffled_images: the same captions with '
              "another sample's image; loss_no_image: the caption from text alone (the connector uses the image "
              'when val.loss is far below both). BLEU-4 (corpus) and CIDEr-D as in the COCO caption evaluation; '

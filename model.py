@@ -141,7 +141,8 @@ def load_tokenizer(name):
 def special_ids(tok):
     """eos / slot / bracket ids of a tokenizer, checked to be single existing tokens."""
     ids = {}
-    for key, t in (('eos', EOS_TOKEN), ('slot', SLOT_TOKEN), ('vision_start', VISION_START), ('vision_end', VISION_END)):
+    for key, t in (('eos', EOS_TOKEN), ('slot', SLOT_TOKEN), ('vision_start', VISION_START),
+                   ('vision_end', VISION_END)):
         i = tok.convert_tokens_to_ids(t)
         if i is None or i == tok.unk_token_id:
             raise UserError(f"tokenizer '{tok.name_or_path}' has no token {t}; use a Qwen-family tokenizer "
@@ -577,7 +578,8 @@ def flops_per_batch(model, n_images, sample_lens, n_targets):
     # connector: forward + full backward
     N, w, Dv = ca['n_latents'], ca['width'], ca['vision_dim']
     blk = 2 * N * (w * w * 2 + 2 * ca['mlp_ratio'] * w * w) + 2 * (P + N) * 2 * w * w + 4 * N * (P + N) * w
-    con = n_images * (2 * P * Dv * w + ca['depth'] * blk + 2 * N * (w * ca['proj_hidden'] + ca['proj_hidden'] * ca['llm_dim']))
+    proj = 2 * N * (w * ca['proj_hidden'] + ca['proj_hidden'] * ca['llm_dim'])
+    con = n_images * (2 * P * Dv * w + ca['depth'] * blk + proj)
     return 2 * llm_fwd + vis + 3 * con
 
 

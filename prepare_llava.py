@@ -35,7 +35,7 @@ import zipfile
 
 import numpy as np
 
-from common import Progress, UserError, atomic_write_text, hub_reachable, one_line_errors, space_error
+from common import Progress, UserError, hub_reachable, one_line_errors
 from images import check_image, existing_images, map_images, pack
 
 LLAVA_REPO = 'liuhaotian/LLaVA-Pretrain'
@@ -251,43 +251,31 @@ def read_records(path, filters):
     return captions, images, len(records)
 
 
+# what a shard problem counts as, among RULES (a duplicate member is not a lost record)
+SHARD_RULES = dict(corrupt_shard='corrupt_shard', bad_caption='malformed_text', no_caption='empty_caption',
+                   empty_image='zero_byte_image', no_image='malformed_keys', duplicate_key='malformed_keys')
+
+
 def read_shard_records(spec, filters):
     """Records of WebDataset tar shards, indexed in place from their headers: (captions,
     images, n_records, locations {image name: (shard, offset, size)}, shard paths relative to
     their common folder, that folder)."""
-    from shards import IMAGE_EXTS, expand_shards, scan_shard
+    from shards import index_shards
     t0 = time.time()
     try:
-        paths, n_missing = expand_shards(spec)
+        root, rel, samples, problems, n_missing = index_shards(spec)
     except ValueError as e:
         raise UserError(str(e)) from None
-    root = os.path.commonpath([os.path.dirname(p) for p in paths])
-    rel = [os.path.relpath(p, root) for p in paths]
-    captions, images, locs, n_records = [], [], {}, 0
-    progress = Progress('scan shards', len(paths))
-    for k, path in enumerate(paths):
-        samples, problems = scan_shard(path)
-        for reason, _, _ in problems:
-            if reason == 'corrupt_shard':  # its complete samples are in `samples`
-                filters['corrupt_shard'] += 1
-            elif reason != 'duplicate_member':  # a record that cannot be a sample
-                n_records += 1
-                filters['malformed_text' if reason == 'bad_caption' else 'empty_caption' if reason == 'no_caption'
-                        else 'zero_byte_image' if reason == 'empty_image' else 'malformed_keys'] += 1
-        for key, ext, offset, size, caption in zip(samples['keys'], samples['exts'], samples['offsets'].tolist(),
-                                                   samples['sizes'].tolist(), samples['captions']):
-            n_records += 1
-            if _bad_text(caption):
-                filters['malformed_text'] += 1
-                continue
-            name = f'{rel[k]}/{key}.{IMAGE_EXTS[ext]}'
-            locs[name] = (k, offset, size)
-            captions.append(caption.strip() or None)
-            images.append((name,))
-        progress(k + 1)
-    print(f'read {n_records:,} records from {len(paths):,} shards in {time.time() - t0:.1f}s'
+    for reason in problems:
+        if reason in SHARD_RULES:
+            filters[SHARD_RULES[reason]] += 1
+    good = [s for s in samples if not _bad_text(s[2])]
+    filters['malformed_text'] += len(samples) - len(good)
+    n_records = len(samples) + sum(r in SHARD_RULES and r != 'corrupt_shard' for r in problems)
+    print(f'read {n_records:,} records from {len(rel):,} shards in {time.time() - t0:.1f}s'
           + (f' ({n_missing} shards of the range do not exist)' if n_missing else ''))
-    return captions, images, n_records, locs, rel, root
+    return ([c.strip() or None for _, _, c in good], [(name,) for name, _, _ in good], n_records,
+            {name: loc for name, loc, _ in good}, rel, root)
 
 # -----------------------------------------------------------------------------
 # Text filters and tokenization
@@ -361,47 +349,6 @@ def golden(val_lengths, k=N_GOLDEN):
     if len(order) > k:
         order = order[np.linspace(0, len(order) - 1, k).round().astype(int)]
     return sorted(int(i) for i in order)
-
-# -----------------------------------------------------------------------------
-# Writing: temp names first, then os.replace, meta.json last
-
-
-def write_outputs(out_dir, arrays, meta, packed_tmp=None):
-    """arrays: {file name: ndarray} (.bin raw, .npy np.save). An old meta.json is removed
-    before any old file is replaced, so an interrupted run leaves either the complete old
-    output or no meta.json at all, never a meta next to mismatched arrays. A full disk while
-    writing the temp files leaves the old output untouched and no temp file behind."""
-    os.makedirs(out_dir, exist_ok=True)
-    tmps = {'images_packed.bin': packed_tmp} if packed_tmp else {}
-    try:
-        for name, a in arrays.items():
-            tmps[name] = os.path.join(out_dir, name + '.tmp')
-            with open(tmps[name], 'wb') as f:
-                np.save(f, a) if name.endswith('.npy') else a.tofile(f)
-    except BaseException as e:
-        for tmp in tmps.values():
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        err = space_error(e, os.path.join(out_dir, name))
-        if err:
-            raise err from None
-        raise
-    meta_path = os.path.join(out_dir, 'meta.json')
-    if os.path.exists(meta_path):
-        os.remove(meta_path)
-    for name, tmp in tmps.items():
-        os.replace(tmp, os.path.join(out_dir, name))
-    if not packed_tmp:  # a pack from an earlier run would not match the new image ids
-        for stale in ('images_packed.bin', 'images_packed_offsets.npy'):
-            if os.path.exists(os.path.join(out_dir, stale)):
-                os.remove(os.path.join(out_dir, stale))
-    if 'image_locs.npy' not in arrays and os.path.exists(os.path.join(out_dir, 'image_locs.npy')):
-        os.remove(os.path.join(out_dir, 'image_locs.npy'))
-    write_meta(out_dir, meta)
-
-
-def write_meta(out_dir, meta):
-    atomic_write_text(os.path.join(out_dir, 'meta.json'), json.dumps(meta, indent=1))
 
 # -----------------------------------------------------------------------------
 # The pipeline
@@ -629,7 +576,8 @@ def _prepare(args, source):
         golden=golden(klen[val]), filters=f.counts, counts=dict(records=n_records, kept=int(len(kept))),
         min_tokens=args.min_tokens, max_tokens=args.max_tokens, max_dups=args.max_dups, seed=args.seed,
         val_ratio=args.val_ratio, qa_file=None)
-    write_outputs(where['out_dir'], arrays, meta, packed_tmp)
+    from data import write_prepared  # here: data.py imports torch, and errors above should come fast
+    write_prepared(where['out_dir'], arrays, meta, packed_tmp)
     print_table(f.counts, n_records, len(kept))
     print(f"wrote {where['out_dir']}: train {meta['splits']['train']:,} / val {meta['splits']['val']:,} samples, "
           f"{meta['n_images']:,} images ({meta['image_kind']}), "

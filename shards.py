@@ -103,7 +103,8 @@ def expand_braces(s):
         m = _RANGE.match(body)
         if m:
             a, b = m.group(1), m.group(2)
-            pad = max(len(a), len(b)) if any(x.lstrip('-').startswith('0') and len(x.lstrip('-')) > 1 for x in (a, b)) else 0
+            padded = any(x.lstrip('-').startswith('0') and len(x.lstrip('-')) > 1 for x in (a, b))
+            pad = max(len(a), len(b)) if padded else 0
             lo, hi = int(a), int(b)
             step = 1 if hi >= lo else -1
             alts = [f'{k:0{pad}d}' for k in range(lo, hi + step, step)]
@@ -160,7 +161,8 @@ def _members(fd, file_size):
             if pos == 0:
                 raise _Damage('empty file' if not hdr else f'not a tar file ({len(hdr)} bytes)')
             # a tar cut exactly between members reads as complete up to here; say so
-            raise _Damage(f'truncated header at byte {pos}' if hdr else f'no end-of-archive marker (ends at byte {pos})')
+            raise _Damage(f'truncated header at byte {pos}' if hdr else
+                          f'no end-of-archive marker (ends at byte {pos})')
         if hdr == ZERO_BLOCK:
             # End of archive: tarfile (and so webdataset) stops at the first zero block too. A
             # writer pads the end to its record size (tarfile and GNU tar: 10 KiB); much more
@@ -172,7 +174,8 @@ def _members(fd, file_size):
             chksum = _number(hdr[148:156])
             ok = sum(hdr) - sum(hdr[148:156]) + 256 == chksum
             if not ok:  # some old tars summed signed bytes; tarfile accepts either
-                ok = sum(b - 256 if b > 127 else b for b in hdr) - sum(b - 256 if b > 127 else b for b in hdr[148:156]) + 256 == chksum
+                signed = sum(b - 256 if b > 127 else b for b in hdr)
+                ok = signed - sum(b - 256 if b > 127 else b for b in hdr[148:156]) + 256 == chksum
             size = _number(hdr[124:136])
             ok = ok and size >= 0
         except ValueError:
@@ -226,6 +229,63 @@ def _read_caption(fd, off, size, limit):
     return os.pread(fd, size, off).decode('utf-8')  # UnicodeDecodeError: the caller's bad_caption
 
 
+def _caption(fd, txt, js):
+    """(caption, None) of a sample from its .txt (utf-8), else its .json's "caption"; or
+    (None, reason) when there is none or it cannot be read."""
+    try:
+        if txt is not None:
+            cap = _read_caption(fd, txt[0], txt[1], MAX_CAPTION_BYTES)
+            return (cap, None) if cap is not None else (None, 'bad_caption')
+        if js is None:
+            return None, 'no_caption'
+        raw = _read_caption(fd, js[0], js[1], MAX_JSON_BYTES)
+        if raw is None:
+            return None, 'bad_caption'
+        meta = json.loads(raw)
+        cap = meta.get('caption') if isinstance(meta, dict) else None
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None, 'bad_caption'
+    if cap is None:  # "caption": null: img2dataset writes no .txt then
+        return None, 'no_caption'
+    return (cap, None) if isinstance(cap, str) else (None, 'bad_caption')
+
+
+def _groups(fd, file_size, problems, path):
+    """[key, image (off, size, ext) or None, txt (off, size) or None, json (off, size) or None]
+    per run of consecutive members with the same key (webdataset's group_by_keys). At damage,
+    the group being read is still yielded (its members so far are complete), then _Damage."""
+    cur = None
+    try:
+        for name, off, size in _members(fd, file_size):
+            slash = name.rfind('/')
+            dot = name.find('.', slash + 1)
+            if dot <= slash + 1:
+                continue  # no '.' in the basename, or a dotfile: webdataset skips these too
+            key, ext = name[:dot], name[dot + 1:].lower()
+            if cur is None or key != cur[0]:
+                if cur is not None:
+                    yield cur
+                cur = [key, None, None, None]
+            if ext in _IMAGE_EXT:
+                slot, val = 1, (off, size, _IMAGE_EXT[ext])
+            elif ext == 'txt':
+                slot, val = 2, (off, size)
+            elif ext == 'json' and not key.endswith('_stats'):
+                slot, val = 3, (off, size)
+            else:
+                continue  # .parquet, _stats.json, a.b.jpg (ext 'b.jpg'), ...: not ours
+            if cur[slot] is None:
+                cur[slot] = val
+            else:
+                problems.append(('duplicate_member', path, key))
+    except _Damage:
+        if cur is not None:
+            yield cur
+        raise
+    if cur is not None:
+        yield cur
+
+
 def scan_shard(path):
     """One shard's samples from its headers, read in place; never raises on bad data.
 
@@ -245,48 +305,23 @@ def scan_shard(path):
                   samples before the damage are kept; at most one such entry per shard)
 
     Grouping is by consecutive key, as webdataset's group_by_keys does."""
-    keys, offsets, sizes, exts, captions, problems = [], [], [], bytearray(), [], []
-    seen = set()
+    keys, offsets, sizes, exts, captions, problems, seen = [], [], [], bytearray(), [], [], set()
     fd = None
-    cur = None  # [key, image (off, size, ext) or None, txt (off, size) or None, json (off, size) or None]
 
-    def finish(g):
-        key, img, txt, js = g
+    def add(group):
+        key, img, txt, js = group
         if img is None and txt is None and js is None:
             return  # only ignored members (.parquet, ...) under this key: not a sample
         if key in seen:
-            problems.append(('duplicate_key', path, key))
-            return
+            return problems.append(('duplicate_key', path, key))
         seen.add(key)
         if img is None:
-            problems.append(('no_image', path, key))
-            return
-        cap = None
-        try:
-            if txt is not None:
-                cap = _read_caption(fd, txt[0], txt[1], MAX_CAPTION_BYTES)
-                if cap is None:
-                    problems.append(('bad_caption', path, key))
-                    return
-            elif js is not None:
-                raw = _read_caption(fd, js[0], js[1], MAX_JSON_BYTES)
-                if raw is None:
-                    problems.append(('bad_caption', path, key))
-                    return
-                meta = json.loads(raw)
-                cap = meta.get('caption') if isinstance(meta, dict) else None
-                if cap is not None and not isinstance(cap, str):
-                    problems.append(('bad_caption', path, key))
-                    return
-        except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-            problems.append(('bad_caption', path, key))
-            return
-        if cap is None:  # no .txt and no .json, or "caption": null (img2dataset writes no .txt then)
-            problems.append(('no_caption', path, key))
-            return
-        if img[1] == 0:
-            problems.append(('empty_image', path, key))
-            return
+            return problems.append(('no_image', path, key))
+        cap, why = _caption(fd, txt, js)
+        if why is None and img[1] == 0:
+            why = 'empty_image'
+        if why:
+            return problems.append((why, path, key))
         keys.append(key)
         offsets.append(img[0])
         sizes.append(img[1])
@@ -295,34 +330,9 @@ def scan_shard(path):
 
     try:
         fd = os.open(path, os.O_RDONLY)
-        file_size = os.fstat(fd).st_size
-        for name, off, size in _members(fd, file_size):
-            slash = name.rfind('/')
-            dot = name.find('.', slash + 1)
-            if dot <= slash + 1:
-                continue  # no '.' in the basename, or a dotfile: webdataset skips these too
-            key, ext = name[:dot], name[dot + 1:].lower()
-            if cur is None or key != cur[0]:
-                if cur is not None:
-                    finish(cur)
-                cur = [key, None, None, None]
-            if ext in _IMAGE_EXT:
-                slot, val = 1, (off, size, _IMAGE_EXT[ext])
-            elif ext == 'txt':
-                slot, val = 2, (off, size)
-            elif ext == 'json' and not key.endswith('_stats'):
-                slot, val = 3, (off, size)
-            else:
-                continue  # .parquet, _stats.json, a.b.jpg (ext 'b.jpg'), ...: not ours
-            if cur[slot] is None:
-                cur[slot] = val
-            else:
-                problems.append(('duplicate_member', path, key))
-        if cur is not None:
-            finish(cur)
+        for group in _groups(fd, os.fstat(fd).st_size, problems, path):
+            add(group)  # at damage, the group being read too: a caption cut off falls back to .json
     except _Damage as e:
-        if cur is not None:
-            finish(cur)  # the members it has are complete; a caption cut off falls back to .json
         problems.append(('corrupt_shard', path, str(e)))
     except OSError as e:  # cannot open, or an I/O error mid-way
         problems.append(('corrupt_shard', path, f'{type(e).__name__}: {e.strerror or e}'))
@@ -332,6 +342,24 @@ def scan_shard(path):
     samples = dict(keys=keys, offsets=np.array(offsets, dtype=np.int64), sizes=np.array(sizes, dtype=np.int64),
                    exts=np.frombuffer(bytes(exts), dtype=np.uint8).copy(), captions=captions)
     return samples, problems
+
+def index_shards(spec):
+    """Every sample of the shards `spec` names (expand_shards), from their headers: (their
+    common folder, shard paths relative to it, [(name 'shard.tar/KEY.jpg', (shard number,
+    offset, size), caption)], [problem reason], n_missing shards of a range)."""
+    from common import Progress
+    paths, n_missing = expand_shards(spec)
+    root = os.path.commonpath([os.path.dirname(p) for p in paths])
+    rel = [os.path.relpath(p, root) for p in paths]
+    samples, problems, progress = [], [], Progress('scan shards', len(paths))
+    for k, path in enumerate(paths):
+        found, bad = scan_shard(path)
+        problems += [reason for reason, _, _ in bad]
+        columns = (found['keys'], found['exts'], found['offsets'].tolist(), found['sizes'].tolist(), found['captions'])
+        samples += [(f'{rel[k]}/{key}.{IMAGE_EXTS[ext]}', (k, offset, size), caption)
+                    for key, ext, offset, size, caption in zip(*columns)]
+        progress(k + 1)
+    return root, rel, samples, problems, n_missing
 
 # -----------------------------------------------------------------------------
 # Reading members at train time
@@ -347,7 +375,8 @@ def _pread_all(fd, offset, size):
     while got < size:
         part = os.pread(fd, size - got, offset + got)
         if not part:
-            raise OSError(f'short read: {got} of {size} bytes at offset {offset} (shard truncated since it was scanned?)')
+            raise OSError(f'short read: {got} of {size} bytes at offset {offset} (shard truncated since it was '
+                          f'scanned?)')
         parts.append(part)
         got += len(part)
     return b''.join(parts)
@@ -454,7 +483,8 @@ def write_shards(out_dir, samples, per_shard=10000, parquet=True, start_shard=0)
                     members['txt'] = cap.encode()
                 for suffix in sorted(members):  # webdataset's TarWriter writes sorted suffixes
                     ti = tarfile.TarInfo(f'{key}.{suffix}')
-                    ti.size, ti.mtime, ti.mode, ti.uname, ti.gname = len(members[suffix]), now, 0o444, 'bigdata', 'bigdata'
+                    ti.size, ti.mtime, ti.mode = len(members[suffix]), now, 0o444
+                    ti.uname = ti.gname = 'bigdata'
                     tf.addfile(ti, io.BytesIO(members[suffix]))
         with open(os.path.join(out_dir, f'{shard:05d}_stats.json'), 'w') as f:
             json.dump(dict(count=len(batch), successes=len(batch), failed_to_download=0, failed_to_resize=0,

@@ -141,7 +141,7 @@ def make(args, prepare):
     out_dir = run.out_dir or os.path.join(data_dir, 'prepared')
     # relative to the prepared folder, like the image root, so data/ can move
     meta['qa_file'] = os.path.relpath(write_qa(data_dir, val_images, scenes, args.seed), out_dir)
-    from prepare_llava import write_meta
+    from data import write_meta
     write_meta(out_dir, meta)
     if not args.no_llm:
         val = {rel for (rel,) in val_images}

@@ -36,7 +36,8 @@ data_dir = 'data/llava_pretrain/prepared'  # or several with weights: 'data/a/pr
 image_root = ''  # '' = where meta.json says; set it when the images moved (one dataset only)
 # model (saved in every checkpoint): the defaults and what each key means are in model.MODEL_DEFAULTS
 (vision, llm, tokenizer, vision_feature_layer, n_latents, resampler_width, resampler_depth, resampler_heads,
- resampler_mlp_ratio, proj_hidden, proj_dropout, vision_ln, match_embed_scale, image_brackets) = M.MODEL_DEFAULTS.values()
+ resampler_mlp_ratio, proj_hidden, proj_dropout, vision_ln, match_embed_scale,
+ image_brackets) = M.MODEL_DEFAULTS.values()
 # data
 batch_size = 16  # micro-batch per rank
 gradient_accumulation_steps = 32  # total over all ranks; effective batch = batch_size * this
@@ -78,9 +79,9 @@ seed = 1337
 # -----------------------------------------------------------------------------
 config = configure(globals(), sys.argv[1:])
 # every setting checked once, before any work: one line per mistake
-for _k in ('batch_size', 'gradient_accumulation_steps', 'eval_interval', 'log_interval', 'max_seq_len', 'eval_max_new_tokens',
-           'n_latents', 'resampler_width', 'resampler_depth', 'resampler_heads', 'resampler_mlp_ratio',
-           'proj_hidden', 'max_nonfinite'):
+for _k in ('batch_size', 'gradient_accumulation_steps', 'eval_interval', 'log_interval', 'max_seq_len',
+           'eval_max_new_tokens', 'n_latents', 'resampler_width', 'resampler_depth', 'resampler_heads',
+           'resampler_mlp_ratio', 'proj_hidden', 'max_nonfinite'):
     require(config[_k] > 0, f'{_k} must be a positive integer, got {config[_k]}')
 for _k in ('num_workers', 'eval_iters', 'sample_interval', 'eval_report_num', 'max_train_samples', 'weight_decay',
            'grad_clip', 'warmup_frac', 'min_lr_frac', 'multi_image_frac', 'proj_dropout', 'beta1', 'beta2'):
@@ -453,7 +454,8 @@ while True:
         flops = M.flops_per_batch(vlm, sum(b['images'].shape[0] for b in batches),
                                   [n for b in batches for n in b['sample_lens']], n_targets) * world_size
         per_step = (time.time() - t_start) / (iter_num - it_start)
-        eta, eta_epoch = per_step * (max_iters - iter_num), per_step * (order.per_epoch - micro_pos % order.per_epoch) / accum
+        eta = per_step * (max_iters - iter_num)
+        eta_epoch = per_step * (order.per_epoch - micro_pos % order.per_epoch) / accum
         mfu = flops / dt / (peak * world_size) if peak else None
         rec = dict(iter=iter_num, loss=lossf, lr=lr, grad_norm=float(grad_norm), dt_ms=dt * 1000,
                    samples_per_s=samples / dt, tokens_per_s=sum(b['n_tokens'] for b in batches) * world_size / dt,
