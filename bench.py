@@ -26,6 +26,8 @@ import zipfile
 
 import numpy as np
 
+from common import UserError
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ASSETS = os.path.join(HERE, '..', 'shared', 'assets')
 PREPARE = [sys.executable, os.path.join(HERE, 'prepare_llava.py')]
@@ -53,7 +55,7 @@ def run_prepare(args):
     t0 = time.time()
     p = subprocess.run(PREPARE + args, capture_output=True, text=True)
     if p.returncode:
-        raise SystemExit(f'bench: prepare failed (exit {p.returncode}): {p.stderr.strip()[-500:]}')
+        raise UserError(f'bench: prepare failed (exit {p.returncode}): {p.stderr.strip()[-500:]}')
     return time.time() - t0, child_peak_rss_gib()
 
 # -----------------------------------------------------------------------------
@@ -445,7 +447,7 @@ def bench_gpu(args):
         run_prepare(['--synthetic=2000', f'--data_dir={os.path.dirname(data_dir)}', '--no_llm'])
     device, dtype = resolve_device('cpu' if tiny else 'auto', 'bfloat16')
     if device.type != 'cuda' and not tiny:
-        raise SystemExit('bench gpu: no GPU visible; use --tiny for the CPU rehearsal')
+        raise UserError('bench gpu: no GPU visible; use --tiny for the CPU rehearsal')
     prepared = data.open_prepared(data_dir)
     tok = M.load_tokenizer(prepared['meta']['tokenizer'])
     sizes = dict(n_latents=8, resampler_width=32, resampler_heads=2, proj_hidden=64) if tiny else {}

@@ -94,10 +94,11 @@ def image_spec(name, vision_cfg):
     the tower), `shortest_edge` (None: resize straight to size x size, as SigLIP; else resize
     the shortest side to it, then centre-crop, as CLIP), `resample`, `mean`/`std`. A tower
     without a preprocessor file gets its family's rule; an unknown family is an error rather
-    than a silent guess. name: a backbone name as in model.py ('tiny', 'random:X', X)."""
-    base = name[len('random:'):] if name.startswith('random:') else name
+    than a silent guess. name: a backbone name ('tiny', 'random:X', X; model.parse_backbone)."""
+    from model import parse_backbone  # here: model.py imports this module
+    kind, base = parse_backbone(name)
     p = None
-    if name != 'tiny':
+    if kind != 'tiny':
         p = KNOWN_PROCESSORS.get(base) or _processor_config(base)
     if p is not None:
         return _spec_from_processor(p, base)

@@ -35,7 +35,7 @@ import zipfile
 
 import numpy as np
 
-from common import Progress, UserError, hub_reachable, one_line_errors
+from common import Progress, UserError, first_line, hub_reachable, one_line_errors
 from images import check_image, existing_images, map_images, pack
 
 LLAVA_REPO = 'liuhaotian/LLaVA-Pretrain'
@@ -223,7 +223,7 @@ def _load_json(path):
             raw = f.read()
         records = json.loads(raw[3:] if raw.startswith(b'\xef\xbb\xbf') else raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        why = 'nested too deeply' if isinstance(e, RecursionError) else str(e).splitlines()[0][:100]
+        why = 'nested too deeply' if isinstance(e, RecursionError) else first_line(e, 100)
         raise UserError(f'{path} is not valid JSON ({why}); re-download it or fix the file') from None
     except OSError as e:
         raise UserError(f'cannot read {path} ({e.strerror or e})') from None
@@ -367,7 +367,7 @@ def fetch_llava(data_dir):
         snapshot_download(repo_id=LLAVA_REPO, repo_type='dataset', local_dir=data_dir,
                           allow_patterns=[LLAVA_JSON, 'images.zip'])
     except Exception as e:  # offline, no disk space, interrupted... the caller says what to do
-        return f'{type(e).__name__}: {str(e).splitlines()[0][:120]}' if str(e) else type(e).__name__
+        return f'{type(e).__name__}: {first_line(e, 120)}'
     return None
 
 
