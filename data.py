@@ -428,8 +428,9 @@ def epoch_batches(lengths, batch_size, seed, epoch, multi_image_frac=0.0, group_
 
 
 class BatchOrder:
-    """The infinite micro-batch order of one rank: a pure function of (seed, position), so a
-    checkpoint needs only the position to resume mid-epoch, with any number of ranks.
+    """The infinite micro-batch order of one rank: a pure function of (seed, position), the
+    same global order for any number of ranks, so a checkpoint needs only the position to
+    resume mid-epoch, on as many GPUs as the run had or on another number.
     Each dataset has its own epochs (epoch_batches). Global micro-batch g comes from dataset
     choice(g), drawn with probability proportional to the weights from a seeded stream, and is
     that dataset's next batch; with one dataset, g is simply its g-th batch. Rank r of W takes
@@ -442,9 +443,10 @@ class BatchOrder:
         self.single = [np.asarray(d.index[:, 3]) < 0 for d in datasets]
         self.batch_size, self.seed, self.rank, self.world, self.start, self.kw = \
             batch_size, seed, rank, world_size, start, kw
-        # whole rounds of W batches per epoch of each dataset: every rank gets the same count
-        self.n_batches = [(len(n) // batch_size) // world_size * world_size for n in self.lengths]
-        if min(self.n_batches) == 0:
+        # Epochs are not rounded to whole rounds of W: the global order is then the same for any
+        # world size, so a run resumed on another number of GPUs continues exactly where it was
+        self.n_batches = [len(n) // batch_size for n in self.lengths]
+        if min(self.n_batches) < world_size:
             small = min(range(len(datasets)), key=lambda s: len(self.lengths[s]))
             raise UserError(f'{len(self.lengths[small])} training samples is less than one batch per rank '
                             f'({batch_size} x {world_size} ranks): lower batch_size or prepare more data')

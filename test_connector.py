@@ -110,6 +110,58 @@ def test_connector_output_depends_on_the_latents_through_keys_and_values():
             h.remove()
     assert (ref - cut).abs().max() > 1e-3
 
+def connector_by_hand(c, feats):
+    """The whole connector from its weights: optional LayerNorm on the patch features, proj_in,
+    the learned latents through every block (by hand, above), final LayerNorm, the MLP
+    projector (exact GELU), then RMS-normalised and scaled by the gain when it has one."""
+    f = layer_norm(c.vision_ln, feats) if isinstance(c.vision_ln, torch.nn.LayerNorm) else feats
+    ctx = f @ c.proj_in.weight.T + c.proj_in.bias
+    x = c.latents.expand(feats.shape[0], -1, -1)
+    for b in c.blocks:
+        x = block_by_hand(b, x, ctx)
+    lin1, lin2 = c.projector[0], c.projector[3]
+    z = layer_norm(c.norm_out, x) @ lin1.weight.T + lin1.bias
+    y = 0.5 * z * (1 + torch.erf(z / math.sqrt(2))) @ lin2.weight.T + lin2.bias
+    if c.out_gain is not None:
+        y = y / torch.sqrt(y.pow(2).mean(-1, keepdim=True) + torch.finfo(y.dtype).eps) * c.out_gain
+    return y
+
+
+@pytest.mark.parametrize('vision_ln,out_rms', [(True, 0.7), (False, None)])
+def test_connector_equals_the_hand_computation(vision_ln, out_rms):
+    c = randomise(Connector(vision_dim=20, llm_dim=16, n_latents=6, width=32, depth=2, n_heads=4, mlp_ratio=2,
+                            proj_hidden=24, vision_ln=vision_ln, out_rms=out_rms)).eval()
+    feats = torch.randn(3, 10, 20, generator=torch.Generator().manual_seed(5)) * 3 + 1
+    with torch.no_grad():
+        torch.testing.assert_close(c(feats), connector_by_hand(c, feats), atol=1e-5, rtol=1e-5)
+
+
+def test_fresh_latents_give_distinct_visual_tokens():
+    """At initialisation every latent is its own query: the N visual tokens of an image differ
+    (identical latents would get identical gradients and stay one token copied N times)."""
+    c = Connector(vision_dim=20, llm_dim=16, n_latents=6, width=32, depth=2, n_heads=4, mlp_ratio=2, proj_hidden=24,
+                  out_rms=0.5)
+    with torch.no_grad():
+        y = c(torch.randn(2, 10, 20, generator=torch.Generator().manual_seed(6)))
+    d = (y[:, :, None] - y[:, None]).abs().amax(-1)  # [M, N, N] distance between tokens
+    off = ~torch.eye(6, dtype=torch.bool)
+    assert d[:, off].min() > 1e-3
+
+
+def test_proj_dropout_is_live_in_training_only():
+    c = Connector(vision_dim=20, llm_dim=16, n_latents=6, width=32, depth=1, n_heads=4, mlp_ratio=2, proj_hidden=24,
+                  dropout=0.5)
+    feats = torch.randn(2, 10, 20, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        c.train()
+        assert not torch.equal(c(feats), c(feats))
+        c.eval()
+        assert torch.equal(c(feats), c(feats))
+    vlm, _ = build_tiny(proj_dropout=0.5)
+    vlm.train()
+    assert vlm.connector.training and any(isinstance(m, torch.nn.Dropout) and m.p == 0.5
+                                          for m in vlm.connector.modules())
+
 # -----------------------------------------------------------------------------
 # bf16
 

@@ -313,6 +313,46 @@ def test_batched_generation_equals_one_by_one(tiny):
     assert all(len(t) >= 3 for t in batched)  # real generations, not an immediate eos
 
 
+def test_generation_is_the_argmax_of_a_full_forward_pass(tiny):
+    """Greedy tokens from the KV-cached, left-padded loop are exactly what one plain forward
+    pass over prompt + generated tokens predicts at every step (positions, mask and cache
+    agree with training's layout), and a row that stopped early stopped at eos."""
+    vlm, tok = tiny
+    prompts, n_img = three_prompts(tok)
+    imgs = torch.from_numpy(rand_images(sum(n_img), vlm.image_spec['size'], seed=5))
+    out = vlm.generate(imgs, prompts, max_new_tokens=12)
+    assert max(map(len, out)) >= 4
+    k = 0
+    for p, n, gen in zip(prompts, n_img, out):
+        table = vlm.llm.get_input_embeddings()
+        with torch.no_grad():  # generated ids embed as text, whatever they are
+            emb = torch.cat([vlm.embed(imgs[k:k + n], torch.tensor([p])), table(torch.tensor([gen]))], dim=1)
+            logits = vlm.llm(inputs_embeds=emb, use_cache=False).logits[0]
+        assert logits[len(p) - 1:].argmax(-1).tolist()[:len(gen)] == gen
+        if len(gen) < 12:
+            assert logits[-1].argmax().item() == vlm.eos_id
+        k += n
+
+
+def test_sampling_follows_temperature_and_top_p():
+    """sample_next draws from softmax(logits / temperature), restricted to the smallest set of
+    most likely tokens whose mass reaches top_p (the most likely token always in it)."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]]).repeat(4000, 1)
+    g = torch.Generator().manual_seed(0)
+
+    def freq(t, p):
+        x = M.sample_next(logits, t, p, generator=g)
+        return torch.bincount(x, minlength=5).float() / len(x)
+    for t in (0.5, 2.0):
+        want = torch.softmax(logits[0] / t, -1)
+        torch.testing.assert_close(freq(t, 1.0), want, atol=0.03, rtol=0)
+    p = torch.softmax(logits[0], -1)  # 0.56, 0.21, 0.13, 0.08, 0.03
+    f = freq(1.0, 0.75)  # the first two reach 0.75: renormalised over them, the rest never drawn
+    torch.testing.assert_close(f, torch.cat([p[:2] / p[:2].sum(), torch.zeros(3)]), atol=0.03, rtol=0)
+    assert torch.equal(freq(1.0, 0.1), torch.tensor([1.0, 0, 0, 0, 0]))  # top token alone exceeds top_p
+    assert torch.equal(M.sample_next(logits[:3], 0.0, 0.9), torch.zeros(3, dtype=torch.long))  # greedy
+
+
 def test_generation_needs_as_many_images_as_slots(tiny):
     vlm, tok = tiny
     prompts, _ = three_prompts(tok)
@@ -334,7 +374,16 @@ def test_clip_vision_tower_drops_cls(tmp_path):
     tok = M.load_tokenizer('tiny')
     vlm = M.build_vlm({**TINY_ARGS, 'vision': f'random:{d}'}, tok)
     imgs = torch.from_numpy(rand_images(3, vlm.image_spec['size']))
-    assert vlm.encode_images(imgs).shape == (3, 16, 32)  # 4x4 patches, CLS dropped
+    feats = vlm.encode_images(imgs)
+    assert feats.shape == (3, 16, 32)  # 4x4 patches, CLS dropped
+    with torch.no_grad():  # the CLS token is the first position; the patches are kept in order
+        full = vlm.vision(pixel_values=(imgs.float() - vlm.pix_mean) / vlm.pix_std).last_hidden_state
+    torch.testing.assert_close(feats, full[:, 1:], atol=1e-6, rtol=0)
+    # SigLIP has no CLS token: every patch is kept
+    tiny_vlm, _ = build_tiny()
+    tiny_imgs = torch.from_numpy(rand_images(2, tiny_vlm.image_spec['size']))
+    n_patches = (tiny_vlm.vision.config.image_size // tiny_vlm.vision.config.patch_size) ** 2
+    assert tiny_vlm.encode_images(tiny_imgs).shape[1] == n_patches
     ids = torch.tensor([data.encode_prompt(tok, data.TEMPLATE_A, N_LAT, vlm.slot_id)] * 3)
     assert vlm.embed(imgs, ids).shape == (3, ids.shape[1], vlm.llm.config.hidden_size)
 
@@ -354,6 +403,24 @@ def test_full_size_backbones_on_meta():
         # the architecture written into model.py agrees with the real config.json
         llm2 = M.build_llm('random:' + str(ASSETS / 'Qwen3-8B-Base'), device='meta')
         assert M.count_params(llm2) == n
+
+
+def test_flops_per_batch_counts_what_runs():
+    """MFU's FLOPs against torch's FLOP counter on the tiny model: the frozen LLM costs forward +
+    input-gradient backward (2x its forward, no weight gradients), the tower a forward, the
+    connector forward + backward; lm_head runs on the caption targets only."""
+    from torch.utils.flop_counter import FlopCounterMode
+    vlm, _ = build_tiny()
+    vlm.train()
+    d, V = vlm.llm.config.hidden_size, vlm.llm.config.vocab_size
+    emb = torch.randn(1, 16, d, requires_grad=True)  # short: attention is a few % of it
+    with FlopCounterMode(display=False) as fc:
+        vlm.llm.get_decoder()(inputs_embeds=emb, use_cache=False).last_hidden_state.sum().backward()
+    assert M.flops_per_batch(vlm, 0, [16], 0) == pytest.approx(fc.get_total_flops(), rel=0.05)
+    with FlopCounterMode(display=False) as fc:
+        vlm.connector(vlm.encode_images(torch.from_numpy(rand_images(2, 48)))).sum().backward()
+    assert M.flops_per_batch(vlm, 2, [], 0) == pytest.approx(fc.get_total_flops(), rel=0.1)
+    assert M.flops_per_batch(vlm, 0, [16], 5) - M.flops_per_batch(vlm, 0, [16], 4) == 2 * 2 * d * V
 
 
 def test_qwen_tokenizer_prompt():

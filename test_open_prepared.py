@@ -63,6 +63,13 @@ def cut(n):
     return f
 
 
+def grow(n):
+    """Damage: n bytes too many (a file of another preparation, or two runs written into one)."""
+    def f(path):
+        path.write_bytes(path.read_bytes() + bytes(n))
+    return f
+
+
 def remove(path):
     path.unlink()
 
@@ -87,6 +94,7 @@ def wrong_shape(path):
 CASES = {
     'train tokens cut': ('folder', 'train_tokens.bin', cut(4)),
     'val tokens cut': ('folder', 'val_tokens.bin', cut(4)),
+    'train tokens too long': ('folder', 'train_tokens.bin', grow(4)),
     'train tokens missing': ('folder', 'train_tokens.bin', remove),
     'image paths missing': ('folder', 'image_paths.npy', remove),
     'train index missing': ('folder', 'train_index.npy', remove),
@@ -97,6 +105,7 @@ CASES = {
     'meta without splits': ('folder', 'meta.json', drop_meta_key('splits')),
     'meta without image_kind': ('folder', 'meta.json', drop_meta_key('image_kind')),
     'packed images cut': ('packed', 'images_packed.bin', cut(100)),
+    'packed images too long': ('packed', 'images_packed.bin', grow(100)),
     'packed offsets missing': ('packed', 'images_packed_offsets.npy', remove),
     'shard locations wrong shape': ('shards', 'image_locs.npy', wrong_shape),
     'shard locations missing': ('shards', 'image_locs.npy', remove),

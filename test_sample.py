@@ -140,6 +140,21 @@ def test_ckpt_may_be_an_out_dir(sample_scripts):
     assert len([ln for ln in p.stdout.splitlines() if ln.strip()]) == 1
 
 
+def test_an_out_dir_means_its_latest_checkpoint(tmp_path):
+    """--ckpt OUT_DIR is OUT_DIR/ckpt.pt (the latest), not ckpt_best.pt or another file beside
+    it; an exported connector folder is taken as it is; a folder with neither is one line."""
+    from common import UserError
+    for name in ('ckpt_best.pt', 'ckpt_last_good.pt', 'ckpt.pt'):
+        (tmp_path / name).write_bytes(b'x')
+    assert M.resolve_checkpoint(str(tmp_path)) == os.path.join(str(tmp_path), 'ckpt.pt')
+    (tmp_path / 'exported').mkdir()
+    (tmp_path / 'exported' / 'connector_config.json').write_text('{}')
+    assert M.resolve_checkpoint(str(tmp_path / 'exported')) == str(tmp_path / 'exported')
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(UserError, match='neither a ckpt.pt'):
+        M.resolve_checkpoint(str(tmp_path / 'empty'))
+
+
 def test_bad_sample_arguments_are_one_line(sample_scripts):
     assert_one_error_line(sample_scripts[0]['batch_size_0'], 'batch_size')
     assert_one_error_line(sample_scripts[0]['ckpt_without_keys'], 'model_args')

@@ -87,3 +87,28 @@ def test_synthetic_is_deterministic_from_the_seed(s300, tmp_path):
     prepare_synthetic(tmp_path / 's3', '--seed=7')
     assert json.loads((tmp_path / 's3' / 'synthetic.json').read_text()) != \
         json.loads((s1 / 'synthetic.json').read_text())
+
+
+def test_pretrained_tiny_llm_is_made_once_and_loads_as_a_real_llm(tmp_path, capsys):
+    """pretrain_llm writes a save_pretrained folder that build_llm loads by its path (the same
+    branch as Qwen3-8B-Base from a local dir); a second call with the same scenes and settings
+    reuses it; other scenes retrain it."""
+    import torch
+    import model as M
+    import synthetic
+    rng = np.random.default_rng(0)
+    scenes = [synthetic.draw_scene(rng)[1:] for _ in range(40)]
+    out = tmp_path / 'tiny_llm'
+    synthetic.pretrain_llm(scenes, str(out), steps=3, batch_size=8)
+    weights = next(out.glob('*.safetensors'))
+    first = weights.read_bytes()
+    llm = M.build_llm(str(out))
+    assert not any(p.requires_grad for p in llm.parameters())  # frozen, as the real LLM
+    from safetensors.torch import load_file
+    saved, loaded = load_file(str(weights)), llm.state_dict()
+    assert saved and all(torch.equal(loaded[k], v) for k, v in saved.items())  # the trained weights, not an init
+    capsys.readouterr()
+    synthetic.pretrain_llm(scenes, str(out), steps=3, batch_size=8)
+    assert 'up to date' in capsys.readouterr().out and weights.read_bytes() == first
+    synthetic.pretrain_llm(scenes[:30], str(out), steps=3, batch_size=8)
+    assert 'pretrained 3 steps' in capsys.readouterr().out and weights.read_bytes() != first

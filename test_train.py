@@ -20,7 +20,7 @@ import torch
 
 import data
 from conftest import (CFG, ENV, ROOT, assert_ok, assert_one_error_line, image_folder, load_prepared,
-                      popen_script, read_log, run_script, run_scripts_side_by_side, train_args)
+                      popen_script, read_log, run_script, run_scripts_side_by_side, sha, train_args)
 
 # -----------------------------------------------------------------------------
 # DDP and gradient accumulation
@@ -54,6 +54,8 @@ def test_ddp_two_processes(synthetic, tmp_path):
     a = torch.load(ddp_out / 'ckpt.pt', weights_only=True)
     b = torch.load(one_out / 'ckpt.pt', weights_only=True)
     assert len(a['rng']) == 2 and a['iter_num'] == 4  # both ranks' RNG states were gathered
+    assert not torch.equal(a['rng'][0]['cpu'], a['rng'][1]['cpu'])  # each rank its own dropout stream
+    assert a['global_pos'] == b['global_pos'] == 8  # micro-batches of all ranks: resumable on any world size
     for n in b['connector']:
         torch.testing.assert_close(a['connector'][n], b['connector'][n], atol=1e-5, rtol=0)
     ga = [r['grad_norm'] for r in log if 'loss' in r]
@@ -121,6 +123,66 @@ def test_grad_clip_zero_means_no_clipping(synthetic, tmp_path):
     assert loss['0'] == loss['1e9'] and len(loss['0']) == 4
     assert loss['1e-6'][0] == loss['0'][0]  # the first step's loss is computed before any update
     assert max(abs(a - b) for a, b in zip(loss['1e-6'][1:], loss['0'][1:])) > 1e-3, loss
+
+# -----------------------------------------------------------------------------
+# the run's length, its last eval, the best checkpoint, what is decayed
+
+SHORT = ['--max_iters=-1', '--epochs=1.25', '--max_train_samples=64', '--batch_size=8', '--gradient_accumulation_steps=2',
+         '--eval_interval=2', '--log_interval=1', '--eval_iters=2', '--sample_interval=0', '--eval_report_num=0']
+
+
+@pytest.fixture(scope='module')
+def short_run(synthetic, tmp_path_factory):
+    """64 samples, 8 x 2 per step: 4 steps an epoch, 1.25 epochs = 5 steps, evals every 2. Then
+    a copy resumed to step 9 from a checkpoint whose best val loss (0.0) no eval can beat.
+    (out_dir, resumed out_dir, sha256 of the copy's ckpt_best.pt before the resume)."""
+    tmp = tmp_path_factory.mktemp('short')
+    out, again = tmp / 'out', tmp / 'again'
+    assert_ok(run_forked({'first': train_args(synthetic, out, *SHORT)}, tmp)['first'])
+    shutil.copytree(out, again)
+    ckpt = torch.load(again / 'ckpt.pt', weights_only=True)
+    ckpt['best_val_loss'] = 0.0
+    torch.save(ckpt, again / 'ckpt.pt')
+    best_before = sha(again / 'ckpt_best.pt')
+    done = run_forked({'resumed': [*train_args(synthetic, again, *SHORT), '--init_from=resume', '--max_iters=9']}, tmp)
+    assert_ok(done['resumed'])
+    return out, again, best_before
+
+
+def test_epochs_count_optimizer_steps(short_run):
+    log = [r for r in read_log(short_run[0]) if 'loss' in r]
+    assert [r['iter'] for r in log] == [1, 2, 3, 4, 5]
+    assert log[-1]['epoch'] == pytest.approx(1.25)
+
+
+def test_the_last_step_is_evaluated_and_saved(short_run):
+    """max_iters need not be a multiple of eval_interval: the run still ends with an eval and
+    a checkpoint of the final connector."""
+    out, again, _ = short_run
+    assert [r['iter'] for r in read_log(out) if 'val_loss' in r] == [0, 2, 4, 5]
+    assert torch.load(out / 'ckpt.pt', weights_only=True)['iter_num'] == 5
+    assert [r['iter'] for r in read_log(again) if 'val_loss' in r] == [0, 2, 4, 5, 6, 8, 9]
+
+
+def test_ckpt_best_holds_the_lowest_val_loss_of_the_run(short_run):
+    out, again, best_before = short_run
+    val = {r['iter']: r['val_loss'] for r in read_log(out) if 'val_loss' in r}
+    best = torch.load(out / 'ckpt_best.pt', weights_only=True)
+    at = min((i for i in val if i > 0), key=val.get)
+    assert best['iter_num'] == at and best['best_val_loss'] == pytest.approx(min(val.values()))
+    # resumed: the evals after it do not beat the best val loss of the run so far, so
+    # ckpt_best.pt stays as it was and the checkpoint keeps that best
+    assert sha(again / 'ckpt_best.pt') == best_before
+    assert torch.load(again / 'ckpt.pt', weights_only=True)['best_val_loss'] == 0.0
+
+
+def test_weight_decay_spares_norms_biases_latents_and_gains(short_run):
+    ckpt = torch.load(short_run[0] / 'ckpt.pt', weights_only=True)
+    groups = ckpt['optimizer']['param_groups']
+    spared = sum(1 for k, v in ckpt['connector'].items() if v.dim() < 2 or k == 'latents')
+    assert [g['weight_decay'] for g in groups] == [ckpt['config']['weight_decay'], 0.0]
+    assert len(groups[1]['params']) == spared and len(groups[0]['params']) == len(ckpt['connector']) - spared
+
 
 # -----------------------------------------------------------------------------
 # bad settings: one line, before any work
