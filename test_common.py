@@ -80,3 +80,13 @@ def test_atomic_torch_save_round_trips(tmp_path):
     atomic_torch_save({'w': torch.arange(6)}, str(path))  # over an existing file
     assert torch.load(path, weights_only=True)['w'].tolist() == list(range(6))
     assert sorted(p.name for p in tmp_path.iterdir()) == ['ckpt.pt']
+
+
+def test_autocast_runs_the_connector_matmuls_in_the_backbones_dtype():
+    """With bf16 backbones the connector's matmuls run in bf16 (its weights stay fp32); with
+    fp32 backbones nothing is cast."""
+    a = torch.randn(4, 4)
+    with common.autocast(torch.device('cpu'), torch.bfloat16):
+        assert (a @ a).dtype == torch.bfloat16
+    with common.autocast(torch.device('cpu'), torch.float32):
+        assert (a @ a).dtype == torch.float32

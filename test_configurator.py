@@ -31,7 +31,8 @@ def test_a_key_needs_a_value():
         configurator.configure(defaults(), ['--batch_size'])
 
 
-@pytest.mark.parametrize('bad', ['--batch_size=1.5', '--batch_size=True', '--vision_ln=1', '--learning_rate=abc'])
+@pytest.mark.parametrize('bad', ['--batch_size=1.5', '--batch_size=True', '--vision_ln=1', '--learning_rate=abc',
+                                 '--learning_rate=True'])
 def test_wrong_types_are_one_line_errors(bad):
     with pytest.raises(UserError) as e:
         configurator.configure(defaults(), [bad])
@@ -40,6 +41,9 @@ def test_wrong_types_are_one_line_errors(bad):
 
 
 def test_values_take_the_defaults_types():
+    g = dict(defaults(), sizes=(1, 2))
+    configurator.configure(g, ['--sizes=[3, 4]'])
+    assert g['sizes'] == (3, 4)  # a list given for a tuple key becomes a tuple
     g = defaults()
     cfg = configurator.configure(g, ['--learning_rate=1', '--out_dir=2024', '--vision_ln=False'])
     assert g['learning_rate'] == 1.0 and type(g['learning_rate']) is float
@@ -59,6 +63,9 @@ def test_file_then_overrides(tmp_path):
     g = defaults()
     configurator.configure(g, ['--lr=1e-4'])
     assert g['learning_rate'] == 1e-4
+    g = defaults()
+    configurator.configure(g, ['--batch-size=2', '--weight-decay=0.1'])  # dashes spell the same keys
+    assert g['batch_size'] == 2 and g['weight_decay'] == 0.1
 
 
 def test_bad_config_files(tmp_path):

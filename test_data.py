@@ -197,6 +197,13 @@ def test_multi_image_mixing(dataset):
     items = [it for b in e0 for it in b]
     frac = sum(len(it) == 2 for it in items) / len(items)
     assert 0.15 < frac < 0.35, frac
+    # a record that already has two images is never a partner (nor mixed itself): 3 images
+    # would not fit the two-image template
+    two_image = np.zeros(len(lengths), bool)
+    two_image[::5] = True
+    mixed = data.epoch_batches(lengths, 4, 7, 0, single=~two_image, multi_image_frac=1.0)
+    pairs = [it for b in mixed for it in b if len(it) == 2]
+    assert len(pairs) > len(lengths) // 2 and not any(two_image[i] or two_image[j] for i, j in pairs)
     two = next(it for it in items if len(it) == 2)
     s = dataset[two]
     assert len(s['images']) == 2 and s['input_ids'].count(dataset.builder.eos_id) == 1
@@ -266,3 +273,11 @@ def test_packing_is_first_fit_up_to_max_seq_len():
     assert b['input_ids'].shape == (3, 10)  # rows [6, 4] [10] [3, 5, 2], each exactly full
     assert b['position_ids'][0].tolist() == list(range(6)) + list(range(4))
     assert b['position_ids'][2].tolist() == list(range(3)) + list(range(5)) + list(range(2))
+
+
+def test_eval_batches_cover_every_val_sample_in_order():
+    """The val loss covers all n samples, the short last batch included, in index order."""
+    assert data.eval_batches(10, 4) == [[(0,), (1,), (2,), (3,)], [(4,), (5,), (6,), (7,)], [(8,), (9,)]]
+    assert data.eval_batches(10, 4, max_batches=2) == data.eval_batches(8, 4)
+    assert data.eval_batches(3, 4, source=1) == [[(1, 0), (1, 1), (1, 2)]]
+    assert data.eval_batches(0, 4) == []

@@ -110,6 +110,30 @@ def test_image_reader_returns_the_original_bytes(three_sources, kind):
         assert reader.read(i) == files[name], (kind, name)  # the packed file is lossless by default
 
 
+def _read_in_a_forked_child(reader, i, queue):
+    data_ = reader.read(i)
+    queue.put((data_, reader._zip.fp.fileno()))
+
+
+def test_a_forked_worker_opens_its_own_zip_handle(three_sources):
+    """DataLoader workers are forked after the main process has read images (golden samples,
+    val): a handle shared across processes shares its file offset, and their seeks interleave.
+    Each process must open its own."""
+    import multiprocessing
+    files, prepared = three_sources
+    p = prepared['zip']
+    reader = images.ImageReader(p['dir'], p['meta'], p['image_paths'], p['root'])
+    assert reader.read(0) == files[reader.name(0)]  # the parent's handle is open
+    ctx = multiprocessing.get_context('fork')
+    q = ctx.Queue()
+    child = ctx.Process(target=_read_in_a_forked_child, args=(reader, 1, q))
+    child.start()
+    got, child_fd = q.get(timeout=60)
+    child.join(60)
+    assert got == files[reader.name(1)]
+    assert child_fd != reader._zip.fp.fileno()  # its own open file, not the inherited one
+
+
 def test_packed_by_default_keeps_the_original_bytes(three_sources):
     _, prepared = three_sources
     assert prepared['packed']['meta']['packed_size'] == 'original'
@@ -233,6 +257,31 @@ def test_clip_pixels_match_the_processor_on_every_image(tmp_path, shortest_edge)
         ref = processor_pixels(proc, raw)
         assert_within_one_level(ref, normalise(images.load_image(raw, spec), spec), spec, name)
     assert spec['size'] == 224 and spec['shortest_edge'] == shortest_edge and spec['mean'][0] != 0.5
+
+
+@pytest.mark.parametrize('resample', [2, 3])  # bilinear, bicubic
+def test_the_processor_resample_filter_is_followed(tmp_path, resample):
+    from transformers import SiglipVisionConfig
+    proc = pil_processor('SiglipImageProcessor')(size={'height': 64, 'width': 64}, resample=resample)
+    proc.save_pretrained(str(tmp_path))
+    spec = images.image_spec(f'random:{tmp_path}', SiglipVisionConfig(image_size=64))
+    assert spec['resample'] == resample
+    for name, raw in comparable(proc, sample_images()).items():
+        assert_within_one_level(processor_pixels(proc, raw), normalise(images.load_image(raw, spec), spec), spec, name)
+
+
+def test_processor_file_defaults_follow_transformers(tmp_path):
+    """A preprocessor_config.json that leaves out do_normalize normalises (the processors'
+    default); do_normalize false means pixels / 255 only."""
+    from transformers import SiglipVisionConfig
+    cfg = dict(image_processor_type='SiglipImageProcessor', size={'height': 64, 'width': 64},
+               image_mean=[0.4, 0.4, 0.4], image_std=[0.2, 0.2, 0.2])
+    for flag, mean, std in ((None, 0.4, 0.2), (True, 0.4, 0.2), (False, 0.0, 1.0)):
+        d = tmp_path / str(flag)
+        d.mkdir()
+        (d / 'preprocessor_config.json').write_text(json.dumps(cfg if flag is None else dict(cfg, do_normalize=flag)))
+        spec = images.image_spec(f'random:{d}', SiglipVisionConfig(image_size=64))
+        assert spec['mean'] == (mean,) * 3 and spec['std'] == (std,) * 3 and spec['resample'] == 3, (flag, spec)
 
 
 def tiny_tower(folder, model_type, image_size, processor=None):

@@ -57,6 +57,16 @@ def test_matches_coco_caption_evaluation():
     assert c == pytest.approx(COCO_CIDER, abs=1e-9)
     assert per == pytest.approx(COCO_CIDER_PER, abs=1e-9)
 
+def test_bleu_credits_a_word_as_often_as_its_most_generous_reference():
+    """Clipped counts: "the" in the candidate counts at most as often as in the one reference
+    that has it most, not as often as in all references together."""
+    cand = ['the the the the']
+    one, two = bleu4(cand, [['the cat']]), bleu4(cand, [['the cat', 'the dog']])
+    assert two[0] == pytest.approx(one[0], rel=1e-9) and two[1][0] == pytest.approx(one[1][0], rel=1e-9)
+    more = bleu4(cand, [['the the cat']])  # a reference with "the" twice: more credit
+    assert more[1][0] > one[1][0]
+
+
 def test_bleu_by_hand():
     # Papineni et al.'s example. Candidate "the cat sat on the mat" (6 words):
     #   1-grams the x2 (a reference has "the" twice -> both count), cat, on, mat match; sat not: 5/6
@@ -349,6 +359,16 @@ def test_qa_accuracy_what_question_without_counts_allows_any_count():
     # the synthetic QA set's answers name no count, so counts are not checked
     assert correct('two blue squares and one red circle.', ['red circle', 'blue squares'])
     assert correct('blue squares and a red circle', ['red circle', 'blue squares'])
+    # where one answer gives a count, a count-less plural allows any count from two, a
+    # count-less singular only one
+    assert correct('two red circles and three blue squares', ['two red circles', 'blue squares'])
+    assert not correct('two red circles and one blue square', ['two red circles', 'blue squares'])
+    assert correct('two red circles and one blue square', ['two red circles', 'blue square'])
+
+
+def test_qa_negation_reaches_three_words_back():
+    assert not correct('it is not very dark red', ['red'])
+    assert correct('not a circle, it is very dark red', ['red'])  # a negation further back is another clause
 
 # -----------------------------------------------------------------------------
 # lengths, score_rows, imports

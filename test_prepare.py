@@ -83,6 +83,7 @@ def messy_images():
         'bad/zero.jpg': b'',
         'bad/trunc.jpg': jpeg_bytes(noise_image(64, 64, 9))[:4000],
         'bad/tiny.png': png_bytes(noise_image(4, 4)),
+        'bad/thin.png': png_bytes(noise_image(200, 4)),  # one side too small is enough
         'bad/bomb.png': bomb.getvalue(),
     }
 
@@ -122,6 +123,7 @@ RECORDS = [
     (llava_record('bad/trunc.jpg', 'a yellow diamond at the top.'), 'undecodable_image'),
     (llava_record('bad/zero.jpg', 'a green square at the top.'), 'zero_byte_image'),
     (llava_record('bad/tiny.png', 'a white star at the top.'), 'tiny_image'),
+    (llava_record('bad/thin.png', 'a pink star at the bottom.'), 'tiny_image'),
     (llava_record('bad/bomb.png', 'an orange cross at the top.'), 'decompression_bomb'),
     ('oops', 'malformed_keys'),
     ({'id': 'x', 'conversations': CONV}, 'malformed_keys'),
@@ -235,6 +237,14 @@ def test_max_dups_and_lengths_are_settings(messy, tmp_path):
     assert f['duplicate'] == 1 and f['too_short'] == 0 and f['too_long'] == 0  # three copies of one caption
     meta = prepare_main('--data_dir', messy, '--out_dir', tmp_path / 'o', '--tokenizer=tiny', '--max_dups=0')
     assert meta['filters']['duplicate'] == 0 and meta['max_dups'] == 0
+    # max_tokens is the longest caption kept, inclusive
+    _, arrays = load_prepared(tmp_path / 'o')
+    longest = int(max(arrays['train_index.npy'][:, 1].max(), arrays['val_index.npy'][:, 1].max(initial=0)))
+    too_long = meta['filters']['too_long']  # the deliberately long captions of the messy set
+    for limit, more in ((longest, 0), (longest - 1, 1)):
+        meta = prepare_main('--data_dir', messy, '--out_dir', tmp_path / 'o', '--tokenizer=tiny', '--max_dups=0',
+                            f'--max_tokens={limit}')
+        assert (meta['filters']['too_long'] > too_long) == bool(more), (limit, meta['filters'])
 
 
 def test_interrupted_write_leaves_no_stale_meta(messy, tmp_path, monkeypatch):
@@ -385,6 +395,8 @@ def test_split_deterministic_and_stratified():
         assert abs((bucket[a] == b).sum() - 0.1 * (bucket == b).sum()) <= 1
     assert len(P.split_val([7, 9], 0.01, 0)) == 1 and len(P.split_val([7], 0.5, 0)) == 0
     assert len(P.split_val(lengths, 0.0, 0)) == 0
+    for n, ratio in ((30, 0.09), (95, 0.07), (7, 0.5)):  # the nearest count (2.7 -> 3), not one short of it
+        assert abs(len(P.split_val(lengths[:n], ratio, 0)) - ratio * n) <= 0.5, (n, ratio)
     g = P.golden(lengths[a])
     assert len(g) == 32 and g == sorted(set(g)) and 0 <= g[0] and g[-1] < len(a)
     assert lengths[a][g].min() == lengths[a].min() and lengths[a][g].max() == lengths[a].max()

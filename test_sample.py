@@ -49,7 +49,7 @@ def sample_scripts(demo_run, synthetic, tmp_path_factory):
     mixed.mkdir()
     broken.mkdir()
     for k, f in enumerate(sorted(image_folder(synthetic).rglob('*.jpg'))[:2]):
-        shutil.copy(f, mixed / f'good{k}.jpg')
+        shutil.copy(f, mixed / f'good{k}.{"jpg" if k == 0 else "JPG"}')  # extensions in any case
     (mixed / 'bad.png').write_bytes(b'not a png')
     (mixed / 'notes.txt').write_text('not an image, not picked up')
     (broken / 'bad.jpg').write_bytes(b'\xff\xd8 truncated')
@@ -65,7 +65,9 @@ def sample_scripts(demo_run, synthetic, tmp_path_factory):
         'mixed_folder': ['sample.py', '--ckpt', demo_run / 'ckpt.pt', '--image', mixed, *cpu],
         'broken_folder': ['sample.py', '--ckpt', demo_run / 'ckpt.pt', '--image', broken, *cpu],
         'ckpt_is_out_dir': ['sample.py', '--ckpt', demo_run, '--image', img, '--greedy', *cpu],
+        'greedy_hot': ['sample.py', '--ckpt', demo_run, '--image', img, '--greedy', '--temperature=5', '--seed=2', *cpu],
         'batch_size_0': ['sample.py', '--ckpt', demo_run / 'ckpt.pt', '--image', img, '--batch_size=0'],
+        'top_p_0': ['sample.py', '--ckpt', demo_run / 'ckpt.pt', '--image', img, '--top_p=0'],
         'ckpt_without_keys': ['sample.py', '--ckpt', tmp / 'no_args.pt', '--image', img, *cpu],
         'eval_damaged': ['sample.py', '--ckpt', demo_run / 'ckpt.pt', '--eval', '--baseline', '--data_dir', damaged,
                          '--num', '24', '--no_llm_check', '--out', tmp / 'damaged', *cpu],
@@ -127,6 +129,7 @@ def test_a_folder_with_unreadable_files_captions_the_others(sample_scripts):
     assert_ok(p)
     lines = [ln for ln in p.stdout.splitlines() if ln.strip()]
     assert len(lines) == 2 and all('good' in ln.split(':')[0] for ln in lines), p.stdout
+    assert any('good1.JPG' in ln for ln in lines)
     assert 'skipped' in p.stderr and 'bad.png' in p.stderr and 'notes.txt' not in p.stdout + p.stderr
 
 
@@ -138,6 +141,13 @@ def test_ckpt_may_be_an_out_dir(sample_scripts):
     p = sample_scripts[0]['ckpt_is_out_dir']
     assert_ok(p)
     assert len([ln for ln in p.stdout.splitlines() if ln.strip()]) == 1
+
+
+def test_greedy_overrides_temperature_and_seed(sample_scripts):
+    """--greedy is argmax decoding whatever --temperature and --seed say."""
+    greedy, hot = sample_scripts[0]['ckpt_is_out_dir'], sample_scripts[0]['greedy_hot']
+    assert_ok(hot)
+    assert hot.stdout == greedy.stdout and hot.stdout.strip()
 
 
 def test_an_out_dir_means_its_latest_checkpoint(tmp_path):
@@ -157,6 +167,7 @@ def test_an_out_dir_means_its_latest_checkpoint(tmp_path):
 
 def test_bad_sample_arguments_are_one_line(sample_scripts):
     assert_one_error_line(sample_scripts[0]['batch_size_0'], 'batch_size')
+    assert_one_error_line(sample_scripts[0]['top_p_0'], 'top_p')
     assert_one_error_line(sample_scripts[0]['ckpt_without_keys'], 'model_args')
 
 # -----------------------------------------------------------------------------

@@ -138,14 +138,15 @@ def test_caption_precedence_and_sample_problems(tmp_path, fmt):
         ('i.jpg', b''), ('i.txt', b'empty image'),
         ('j.jpg', img), ('j.jpg', img), ('j.txt', b'two images'),
         ('k.json', b'{"caption": 3}'), ('k.jpg', img),
+        ('m.jpg', img), ('m.seg.png', img), ('m.txt', b'key up to the first dot'),  # m.seg.png: key m, ext seg.png
         ('a.jpg', img), ('a.txt', b'again'),
     ]
     p = make_tar(tmp_path / 'odd.tar', members, fmt)
     samples, problems = S.scan_shard(p)
     got = dict(zip(samples['keys'], samples['captions']))
     assert got == {'a': 'from txt', 'b': 'json only', 'sub/dir/h': 'in a folder ü', f'{long_dir}/x': 'long name',
-                   'j': 'two images'}
-    assert [S.IMAGE_EXTS[e] for e in samples['exts']] == ['jpg', 'png', 'jpg', 'jpg', 'jpg']
+                   'j': 'two images', 'm': 'key up to the first dot'}
+    assert [S.IMAGE_EXTS[e] for e in samples['exts']] == ['jpg', 'png', 'jpg', 'jpg', 'jpg', 'jpg']
     assert reasons(problems) == [('bad_caption', 'e'), ('bad_caption', 'f'), ('bad_caption', 'k'),
                                  ('duplicate_key', 'a'), ('duplicate_member', 'j'), ('empty_image', 'i'),
                                  ('no_caption', 'c'), ('no_caption', 'g'), ('no_image', 'd')]

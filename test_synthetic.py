@@ -17,7 +17,7 @@ from model import TINY_WORDS, tiny_tokenizer
 
 
 def prepare_synthetic(data_dir, *extra):
-    """300 scenes into data_dir (5 % val), without the tiny LLM pretraining: these tests are
+    """300 scenes into data_dir, without the tiny LLM pretraining: these tests are
     about the data."""
     return P.main(['--synthetic=300', '--data_dir', str(data_dir), '--no_llm', *extra])
 
@@ -26,15 +26,15 @@ def prepare_synthetic(data_dir, *extra):
 def s300(tmp_path_factory):
     """The same 300 scenes drawn twice (s1, s2): (s1 folder, s2 folder, meta of s1)."""
     d = tmp_path_factory.mktemp('s300')
-    meta = prepare_synthetic(d / 's1', '--val_ratio=0.05')
-    prepare_synthetic(d / 's2', '--val_ratio=0.05')
+    meta = prepare_synthetic(d / 's1')  # the synthetic default: 10 % val
+    prepare_synthetic(d / 's2')
     return d / 's1', d / 's2', meta
 
 
 def test_synthetic_meta_and_split(s300):
     s1, _, meta = s300
     assert meta['source'] == 'synthetic' and meta['tokenizer'] == 'tiny' and meta['counts']['kept'] == 300
-    assert meta['splits'] == {'train': 285, 'val': 15} and len(meta['golden']) == 15
+    assert meta['splits'] == {'train': 270, 'val': 30} and len(meta['golden']) == 30
     # qa_file is relative to the prepared folder, like the image root
     assert os.path.normpath(os.path.join(s1 / 'prepared', meta['qa_file'])) == os.path.abspath(s1 / 'qa.jsonl')
     saved, _ = load_prepared(s1 / 'prepared')

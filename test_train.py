@@ -176,6 +176,24 @@ def test_ckpt_best_holds_the_lowest_val_loss_of_the_run(short_run):
     assert torch.load(again / 'ckpt.pt', weights_only=True)['best_val_loss'] == 0.0
 
 
+def test_an_eval_redone_after_resume_is_logged_once(short_run, synthetic, tmp_path):
+    """A preemption checkpoint is written before its step's eval. If a run resumed from one
+    logged that eval and was then killed before its next checkpoint, the next resume redoes
+    the eval: the old record goes, so the curve has one val point per step."""
+    run = tmp_path / 'run'
+    shutil.copytree(short_run[0], run)
+    ckpt = torch.load(run / 'ckpt.pt', weights_only=True)
+    assert ckpt['iter_num'] == 5 and ckpt['last_eval_iter'] == 5
+    ckpt['last_eval_iter'] = 4  # as a preemption checkpoint at step 5 (the eval at 5 came after it)
+    torch.save(ckpt, run / 'ckpt.pt')
+    done = run_forked({'r': [*train_args(synthetic, run, *SHORT), '--init_from=resume', '--max_iters=5']}, tmp_path)
+    assert_ok(done['r'])
+    evals = [r for r in read_log(run) if 'val_loss' in r]
+    assert [r['iter'] for r in evals] == [0, 2, 4, 5]
+    before = {r['iter']: r['val_loss'] for r in read_log(short_run[0]) if 'val_loss' in r}
+    assert evals[-1]['val_loss'] == pytest.approx(before[5], abs=1e-4)  # the same connector, evaluated again
+
+
 def test_weight_decay_spares_norms_biases_latents_and_gains(short_run):
     ckpt = torch.load(short_run[0] / 'ckpt.pt', weights_only=True)
     groups = ckpt['optimizer']['param_groups']

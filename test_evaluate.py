@@ -1,0 +1,146 @@
+"""
+Tests of evaluate.py's parts, each against a computation by hand on the tiny model: the val
+loss and its shuffled-image and no-image controls, the references a generation is scored
+against, the prompts for captions and for QA questions.
+
+$ python -m pytest -q test_evaluate.py
+"""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import evaluate
+from common import UserError
+from conftest import N_LAT, build_tiny, tiny_builder
+
+
+@pytest.fixture(scope='module')
+def bracketed(synthetic):
+    """The tiny VLM with image brackets (eval mode) and the synthetic val split built for it."""
+    vlm, tok = build_tiny(image_brackets=True)
+    vlm.eval()
+    assert vlm.brackets
+    prepared = data.open_prepared(str(synthetic))
+    ds = data.CaptionDataset(prepared, 'val', tiny_builder(tok, brackets=vlm.brackets), vlm.image_spec,
+                             replace_bad=False)
+    return vlm, tok, ds, prepared
+
+
+def loss_sum(vlm, samples):
+    """(summed caption-token loss, caption tokens) of samples, one forward pass each."""
+    tot, cnt = 0.0, 0
+    for s in samples:
+        b = data.collate([s], pad_id=vlm.eos_id)
+        images, input_ids, target_pos, target_ids, position_ids = data.to_device(b, 'cpu')
+        with torch.no_grad():
+            tot += vlm(images, input_ids, target_pos, target_ids, reduction='sum').item()
+        cnt += b['n_targets']
+    return tot, cnt
+
+
+def text_only_loss_sum(vlm, s):
+    """The caption's loss from the frozen LLM alone: the sample's tokens without image slots
+    and brackets, full logits, next-token cross-entropy on the caption positions."""
+    drop = {vlm.slot_id, *vlm.brackets}
+    keep = [k for k, t in enumerate(s['input_ids']) if t not in drop]
+    ids = torch.tensor([[s['input_ids'][k] for k in keep]])
+    labels = torch.tensor([s['labels'][k] for k in keep])
+    with torch.no_grad():
+        logits = vlm.llm(input_ids=ids).logits[0]
+    return F.cross_entropy(logits[:-1], labels[1:], ignore_index=-100, reduction='sum').item(), int((labels[1:] >= 0).sum())
+
+
+def test_val_losses_by_hand(bracketed):
+    """loss: caption-token mean over all samples (not a mean of per-sample means); shuffled:
+    each caption with the previous sample's image in its batch; no image: the LLM alone."""
+    vlm, _, ds, _ = bracketed
+    n, bs = 10, 4  # batches of 4, 4, 2
+    got = evaluate.val_losses(vlm, ds, n, bs)
+    samples = [ds[i] for i in range(n)]
+    assert all(len(s['images']) == 1 for s in samples)
+    tot, cnt = loss_sum(vlm, samples)
+    assert got['loss'] == pytest.approx(tot / cnt, rel=1e-5)
+    shuffled = []
+    for s in range(0, n, bs):
+        chunk = samples[s:s + bs]
+        shuffled += [dict(x, images=chunk[k - 1]['images']) for k, x in enumerate(chunk)]
+    tot, cnt = loss_sum(vlm, shuffled)
+    assert got['loss_shuffled_images'] == pytest.approx(tot / cnt, rel=1e-5)
+    assert got['loss_shuffled_images'] != pytest.approx(got['loss'], rel=1e-4)
+    sums = [text_only_loss_sum(vlm, s) for s in samples]
+    assert got['loss_no_image'] == pytest.approx(sum(t for t, _ in sums) / sum(c for _, c in sums), rel=1e-5)
+    assert got['skipped_samples'] == 0
+
+
+def test_references_are_every_single_image_caption_of_the_image(tiny):
+    """A two-image record's caption describes two images: it is no reference for either."""
+    _, tok = tiny
+    caps = ['a red circle.', 'a blue square.', 'a red triangle.', 'two circles on the left.', 'a green star.']
+    enc = [tok(c, add_special_tokens=False)['input_ids'] for c in caps]
+
+    def split(rows):  # rows: (caption k, image, second image)
+        tokens = np.concatenate([enc[k] for k, _, _ in rows]).astype(np.uint32)
+        index, off = [], 0
+        for k, i0, i1 in rows:
+            index.append((off, len(enc[k]), i0, i1))
+            off += len(enc[k])
+        return tokens, np.array(index, np.int64)
+    prepared = dict(train=split([(0, 0, -1), (1, 1, -1), (3, 0, 1)]), val=split([(2, 0, -1), (4, 2, -1)]))
+    refs = evaluate.references_by_image(prepared, tok)
+    assert all(tok.decode(e) == c for e, c in zip(enc, caps))  # words of the tiny vocabulary
+    assert refs(0) == ['a red circle.', 'a red triangle.']
+    assert refs(1) == ['a blue square.'] and refs(2) == ['a green star.'] and refs(7) == []
+
+
+def test_caption_rows_score_against_the_own_caption_and_the_others(bracketed):
+    vlm, tok, ds, _ = bracketed
+    own = [tok.decode(ds.caption(i), skip_special_tokens=True).strip() for i in range(3)]
+    refs = lambda i0: ['another caption of it.', own[0]]  # noqa: E731 (own[0] is row 0's own: not twice)
+    rows, skipped = evaluate.caption_rows(vlm, tok, ds, range(3), dict(temperature=0.0, max_new_tokens=3), 2,
+                                          refs=refs)
+    assert skipped == 0 and [r['id'] for r in rows] == ['val/0', 'val/1', 'val/2']
+    assert rows[0]['references'] == [own[0], 'another caption of it.']
+    assert rows[1]['references'] == [own[1], 'another caption of it.', own[0]]
+
+
+def test_a_user_prompt_gets_the_images_before_it(bracketed):
+    vlm, tok, _, _ = bracketed
+
+    def enc(text):
+        return data.encode_prompt(tok, text, N_LAT, vlm.slot_id, vlm.brackets)
+    assert evaluate.prompt_ids(vlm, tok, 1) == enc(data.TEMPLATE_A)
+    assert evaluate.prompt_ids(vlm, tok, 2) == enc(data.TEMPLATE_B)
+    assert evaluate.prompt_ids(vlm, tok, 1, 'What color is the circle?') == enc('<image>\nWhat color is the circle?\n')
+    assert evaluate.prompt_ids(vlm, tok, 2, 'Compare.') == enc('<image>\n<image>\nCompare.\n')
+    assert evaluate.prompt_ids(vlm, tok, 1, 'Look: <image> what is it?') == enc('Look: <image> what is it?\n')
+    with pytest.raises(UserError, match='1 <image> markers for 2 images'):
+        evaluate.prompt_ids(vlm, tok, 2, 'Look: <image>')
+
+
+def test_qa_asks_each_question_about_its_image(bracketed, synthetic, tmp_path, monkeypatch):
+    """Each question is the prompt for its images (batched per question), not the caption
+    template; an unreadable image skips its row."""
+    vlm, tok, _, _ = bracketed
+    images = sorted((synthetic.parent / 'images').rglob('*.jpg'))[:3]
+    qa = [dict(image=str(images[0]), question='What color is the circle?', answers=['red']),
+          dict(image=str(images[1]), question='How many stars are there?', answers=['two']),
+          dict(image=str(images[2]), question='What color is the circle?', answers=['blue']),
+          dict(image=str(tmp_path / 'gone.jpg'), question='What color is the circle?', answers=['red'])]
+    path = tmp_path / 'qa.jsonl'
+    path.write_text(''.join(json.dumps(q) + '\n' for q in qa))
+    asked = []
+    real = evaluate.caption_batch
+
+    def spy(vlm_, tok_, groups, prompt=None, **kw):
+        asked.append((prompt, len(groups)))
+        return real(vlm_, tok_, groups, prompt, **kw)
+    monkeypatch.setattr(evaluate, 'caption_batch', spy)
+    rows, skipped = evaluate.qa_rows(vlm, tok, str(path), dict(temperature=0.0, max_new_tokens=3), 8)
+    assert skipped == 1 and len(rows) == 3
+    assert sorted(asked) == [('<image>\nHow many stars are there?\n', 1), ('<image>\nWhat color is the circle?\n', 2)]
+    assert [r['prompt'] for r in rows] == [q['question'] for q in qa[:3]]
+    assert [r['answers'] for r in rows] == [['red'], ['two'], ['blue']]
