@@ -89,8 +89,9 @@ def caption_loss_sums(vlm, batches, autocast=contextlib.nullcontext()):
 
 
 def _shuffled(batch):
-    """The same captions with each row's images taken from the next row (single-image rows
-    only), so the loss says what the captions cost with the wrong image."""
+    """The same captions with the batch's images moved along by one (each caption gets the
+    previous row's image), so the loss says what the captions cost with the wrong image. A
+    batch of one has no other image: left out."""
     batch = dict(batch, images=batch['images'].roll(1, 0))
     return batch if len(batch['sample_lens']) > 1 else dict(batch, n_targets=0)
 

@@ -51,29 +51,59 @@ def text_only_loss_sum(vlm, s):
     labels = torch.tensor([s['labels'][k] for k in keep])
     with torch.no_grad():
         logits = vlm.llm(input_ids=ids).logits[0]
-    return F.cross_entropy(logits[:-1], labels[1:], ignore_index=-100, reduction='sum').item(), int((labels[1:] >= 0).sum())
+    loss = F.cross_entropy(logits[:-1], labels[1:], ignore_index=-100, reduction='sum')
+    return loss.item(), int((labels[1:] >= 0).sum())
+
+
+class Listed:
+    """What val_losses reads of a dataset: ds[i]."""
+
+    def __init__(self, samples):
+        self.samples = samples
+
+    def __getitem__(self, i):
+        return self.samples[i]
 
 
 def test_val_losses_by_hand(bracketed):
     """loss: caption-token mean over all samples (not a mean of per-sample means); shuffled:
-    each caption with the previous sample's image in its batch; no image: the LLM alone."""
-    vlm, _, ds, _ = bracketed
-    n, bs = 10, 4  # batches of 4, 4, 2
-    got = evaluate.val_losses(vlm, ds, n, bs)
+    each caption with the previous sample's image in its batch (a batch of one has no other
+    image: left out); no image: the LLM alone, on the single-image samples."""
+    vlm, tok, ds, _ = bracketed
+    n, bs = 9, 4  # batches of 4, 4, 1
     samples = [ds[i] for i in range(n)]
     assert all(len(s['images']) == 1 for s in samples)
+    # sample 5 as a prepared two-image record: its caption, both images, Template B
+    ids, labels = ds.builder.build([ds.caption(5)], n_images=2)
+    samples[5] = dict(samples[5], input_ids=ids, labels=labels, images=samples[5]['images'] + samples[6]['images'])
+    got = evaluate.val_losses(vlm, Listed(samples), n, bs)
     tot, cnt = loss_sum(vlm, samples)
     assert got['loss'] == pytest.approx(tot / cnt, rel=1e-5)
     shuffled = []
     for s in range(0, n, bs):
         chunk = samples[s:s + bs]
-        shuffled += [dict(x, images=chunk[k - 1]['images']) for k, x in enumerate(chunk)]
+        if len(chunk) > 1:  # images move by one row; a two-image row takes two
+            flat = [im for x in chunk for im in x['images']]
+            flat = flat[-1:] + flat[:-1]
+            k = 0
+            for x in chunk:
+                shuffled.append(dict(x, images=flat[k:k + len(x['images'])]))
+                k += len(x['images'])
     tot, cnt = loss_sum(vlm, shuffled)
     assert got['loss_shuffled_images'] == pytest.approx(tot / cnt, rel=1e-5)
     assert got['loss_shuffled_images'] != pytest.approx(got['loss'], rel=1e-4)
-    sums = [text_only_loss_sum(vlm, s) for s in samples]
+    sums = [text_only_loss_sum(vlm, s) for s in samples if len(s['images']) == 1]
     assert got['loss_no_image'] == pytest.approx(sum(t for t, _ in sums) / sum(c for _, c in sums), rel=1e-5)
     assert got['skipped_samples'] == 0
+
+
+def test_each_caption_is_one_line(bracketed, monkeypatch):
+    """Whatever the tokens decode to (a newline, runs of spaces), a caption is one line."""
+    vlm, tok, ds, _ = bracketed
+    ids = tok('a red\n\n circle  at the\ttop.', add_special_tokens=False)['input_ids']
+    monkeypatch.setattr(vlm, 'generate', lambda images, prompts, *a, **kw: [ids] * len(prompts))
+    img = ds.images((0,))
+    assert evaluate.caption_batch(vlm, tok, [img, img]) == ['a red circle at the top.'] * 2
 
 
 def test_references_are_every_single_image_caption_of_the_image(tiny):

@@ -158,6 +158,10 @@ def test_16bit_images_are_scaled_by_bit_depth(tmp_path):
     Image.fromarray(grad).save(tmp_path / 'grad16.png')
     got = images.load_image(str(tmp_path / 'grad16.png'), images.pack_spec(64))
     assert np.abs(got[0].astype(int) - np.rint(grad / 257)).max() <= 1 and (got[0] == got[2]).all()
+    # before any resize: every 16-bit value v becomes round(v / 257) exactly (65535 -> 255)
+    every = np.arange(0, 65536, 7, dtype=np.uint16).reshape(-1, 1)
+    rgb = np.asarray(images.to_rgb(Image.fromarray(every)))
+    assert np.array_equal(rgb[..., 0].astype(int), np.rint(every / 257).astype(int))
 
 
 def test_mode_i_and_f_images():

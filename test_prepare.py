@@ -349,6 +349,7 @@ def caption_jsonl(tmp_path):
         json.dumps(dict(id='5', caption='a red circle at the top left.')),
         json.dumps(dict(id='6', images='imgs/x.jpg', caption='a red circle at the top left.')),
         json.dumps(dict(id='7', images=['imgs/nope.jpg'], caption='a blue circle at the top left.')),
+        json.dumps(dict(id='8', images=['imgs/y.jpg', 'imgs/gone.jpg'], caption='two green stars on the left.')),
     ]
     (d / 'caps.jsonl').write_text('\n'.join(lines) + '\n')
     return d / 'caps.jsonl', z
@@ -361,8 +362,8 @@ def test_caption_jsonl_with_two_images(caption_jsonl):
     assert meta['source'] == 'jsonl' and meta['image_kind'] == 'folder' and meta['image_root_abs'] == os.path.abspath(d)
     f = meta['filters']
     assert (f['malformed_json'], f['malformed_n_images'], f['malformed_keys'], f['malformed_types'],
-            f['missing_image']) == (1, 2, 1, 1, 1)
-    assert meta['counts'] == {'records': 8, 'kept': 2}
+            f['missing_image']) == (1, 2, 1, 1, 2)  # one of two images missing is enough
+    assert meta['counts'] == {'records': 9, 'kept': 2}
     _, arrays = load_prepared(d / 'prepared')  # out_dir defaults to the JSONL's folder
     tok = tiny_tokenizer()
     got = {imgs: ids for imgs, ids in prepared_samples(arrays)}
@@ -376,7 +377,7 @@ def test_caption_jsonl_with_two_images(caption_jsonl):
 def test_caption_jsonl_absolute_paths_are_unsafe_by_default(caption_jsonl):
     jsonl, _ = caption_jsonl
     meta = prepare_main('--json', jsonl, '--tokenizer=tiny', '--workers=1')
-    assert meta['filters']['unsafe_path'] == 1 and meta['counts'] == {'records': 8, 'kept': 1}
+    assert meta['filters']['unsafe_path'] == 1 and meta['counts'] == {'records': 9, 'kept': 1}
     assert not P.safe_path('../x.jpg') and not P.safe_path('/etc/passwd') and P.safe_path('a/../x.jpg')
 
 # -----------------------------------------------------------------------------

@@ -65,7 +65,8 @@ def sample_scripts(demo_run, synthetic, tmp_path_factory):
         'mixed_folder': ['sample.py', '--ckpt', demo_run / 'ckpt.pt', '--image', mixed, *cpu],
         'broken_folder': ['sample.py', '--ckpt', demo_run / 'ckpt.pt', '--image', broken, *cpu],
         'ckpt_is_out_dir': ['sample.py', '--ckpt', demo_run, '--image', img, '--greedy', *cpu],
-        'greedy_hot': ['sample.py', '--ckpt', demo_run, '--image', img, '--greedy', '--temperature=5', '--seed=2', *cpu],
+        'greedy_hot': ['sample.py', '--ckpt', demo_run, '--image', img, '--greedy', '--temperature=5', '--seed=2',
+                       *cpu],
         'batch_size_0': ['sample.py', '--ckpt', demo_run / 'ckpt.pt', '--image', img, '--batch_size=0'],
         'top_p_0': ['sample.py', '--ckpt', demo_run / 'ckpt.pt', '--image', img, '--top_p=0'],
         'ckpt_without_keys': ['sample.py', '--ckpt', tmp / 'no_args.pt', '--image', img, *cpu],
@@ -234,6 +235,32 @@ def test_golden_rows_are_not_duplicated(demo_run, synthetic):
     assert len(shown) == len(set(shown)) and golden <= set(shown)
     m = json.loads((demo_run / 'report' / 'metrics.json').read_text())
     assert 'golden' not in m  # all golden samples are among the val rows scored once
+
+
+def test_golden_samples_beyond_num_are_captioned_too(sample_scripts, synthetic):
+    """--num 40 scores the first 40 val samples; the golden set spans the whole val split, and
+    the golden samples past the first 40 are captioned and scored as well."""
+    golden = read_meta(synthetic)['golden']
+    assert any(i >= 40 for i in golden)
+    out = sample_scripts[1] / 'untrained'
+    ids = [json.loads(line)['id'] for line in (out / 'generations.jsonl').read_text().splitlines()]
+    assert [i for i in ids if i.startswith('golden/')] == [f'golden/{i}' for i in golden]
+    m = json.loads((out / 'metrics.json').read_text())
+    assert m['val']['n_captions'] == 40 and m['golden']['n_captions'] == len(golden)
+
+
+def test_sampling_is_reproducible_from_the_seed(demo_run, synthetic, capsys):
+    """Sampled captions (temperature > 0) are a function of --seed: the same seed gives the
+    same captions, another seed others."""
+    img = str(sorted(image_folder(synthetic).rglob('*.jpg'))[0])
+
+    def captions(seed):
+        sample.main(['--ckpt', str(demo_run / 'ckpt.pt'), '--image', img, '--device', 'cpu', '--max_new_tokens', '12',
+                     '--temperature', '3', '--num_samples', '3', f'--seed={seed}'])
+        return capsys.readouterr().out
+    first = captions(3)
+    assert len(first.splitlines()) == 3 and captions(3) == first
+    assert captions(4) != first
 
 
 def test_write_report(tmp_path):

@@ -27,19 +27,20 @@ from conftest import (CFG, ENV, ROOT, assert_ok, assert_one_error_line, image_fo
 
 
 def test_ddp_two_processes(synthetic, tmp_path):
-    """2 ranks x batch_size 8 with gradient_accumulation_steps=2 (one micro-batch per rank per
-    step) sees exactly the data of one process with batch_size 8 and 2 accumulation steps:
-    rank r takes global micro-batches r, r+2, ... and the single process takes 0, 1, 2, ...
-    The single process averages the two micro-batch gradients; DDP must all-reduce (average)
-    them across ranks. So the checkpoint rank 0 writes equals the single-process one only if
-    the gradients were synchronised every step -- an unsynchronised rank 0 would have trained
-    on half the data. Both ranks start from rank 0's weights (DDP broadcasts them) and apply
+    """2 ranks x batch_size 4 with gradient_accumulation_steps=4 (two micro-batches per rank
+    per step: the first without gradient sync, the last with it) sees exactly the data of one
+    process with batch_size 4 and 4 accumulation steps: rank r takes global micro-batches r,
+    r+2, ... and the single process takes 0, 1, 2, ... The single process averages the four
+    micro-batch gradients; DDP must all-reduce them across ranks. So the checkpoint rank 0
+    writes equals the single-process one only if the gradients were synchronised every step,
+    with every micro-batch's share -- an unsynchronised rank 0 would have trained on half the
+    data. Both ranks start from rank 0's weights (DDP broadcasts them) and apply
     the same averaged gradients, so matching rank 0 means the ranks stay identical. Per-step
     grad norms (computed after the all-reduce) must match too. The val batches are split over
     the ranks (3 batches: 2 on rank 0, 1 on rank 1) and the sums all-reduced, so the val losses
-    equal the single process's too."""
-    common = ['--max_iters=4', '--eval_interval=4', '--log_interval=1', '--eval_iters=3', '--batch_size=8',
-              '--gradient_accumulation_steps=2', '--multi_image_frac=0.0']
+    and the caption tokens they are measured on equal the single process's too."""
+    common = ['--max_iters=4', '--eval_interval=4', '--log_interval=1', '--eval_iters=3', '--batch_size=4',
+              '--gradient_accumulation_steps=4', '--multi_image_frac=0.0']
     ddp_out, one_out = tmp_path / 'ddp', tmp_path / 'one'
     one = popen_script(train_args(synthetic, one_out, *common, '--eval_report_num=0'), tmp_path / 'one.txt')
     ddp = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
@@ -55,17 +56,25 @@ def test_ddp_two_processes(synthetic, tmp_path):
     b = torch.load(one_out / 'ckpt.pt', weights_only=True)
     assert len(a['rng']) == 2 and a['iter_num'] == 4  # both ranks' RNG states were gathered
     assert not torch.equal(a['rng'][0]['cpu'], a['rng'][1]['cpu'])  # each rank its own dropout stream
-    assert a['global_pos'] == b['global_pos'] == 8  # micro-batches of all ranks: resumable on any world size
+    assert a['global_pos'] == b['global_pos'] == 16  # micro-batches of all ranks: resumable on any world size
     for n in b['connector']:
         torch.testing.assert_close(a['connector'][n], b['connector'][n], atol=1e-5, rtol=0)
     ga = [r['grad_norm'] for r in log if 'loss' in r]
     gb = [r['grad_norm'] for r in read_log(one_out) if 'loss' in r]
     assert min(ga) > 0.1  # real updates happened, so equal weights after 4 steps mean something
     assert ga == pytest.approx(gb, abs=1e-5)
-    va = [(r['iter'], r['val_loss']) for r in log if 'val_loss' in r]
-    vb = [(r['iter'], r['val_loss']) for r in read_log(one_out) if 'val_loss' in r]
-    assert [i for i, _ in va] == [i for i, _ in vb] == [0, 4]
-    assert [v for _, v in va] == pytest.approx([v for _, v in vb], abs=1e-5)
+    va = [(r['iter'], r['val_loss'], r['val_tokens']) for r in log if 'val_loss' in r]
+    vb = [(r['iter'], r['val_loss'], r['val_tokens']) for r in read_log(one_out) if 'val_loss' in r]
+    assert [r[0] for r in va] == [r[0] for r in vb] == [0, 4]
+    assert [r[1] for r in va] == pytest.approx([r[1] for r in vb], abs=1e-5)
+    assert [r[2] for r in va] == [r[2] for r in vb] and va[0][2] > 0  # each val batch once, over both ranks
+    # resumed, each rank continues its own RNG stream (not rank 0's)
+    again = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                            *map(str, train_args(synthetic, ddp_out, *common, '--init_from=resume', '--max_iters=5'))],
+                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert_ok(again)
+    c = torch.load(ddp_out / 'ckpt.pt', weights_only=True)
+    assert c['iter_num'] == 5 and not torch.equal(c['rng'][0]['cpu'], c['rng'][1]['cpu'])
 
 
 def test_gradient_accumulation_equals_one_big_batch(synthetic, tmp_path):
@@ -127,7 +136,8 @@ def test_grad_clip_zero_means_no_clipping(synthetic, tmp_path):
 # -----------------------------------------------------------------------------
 # the run's length, its last eval, the best checkpoint, what is decayed
 
-SHORT = ['--max_iters=-1', '--epochs=1.25', '--max_train_samples=64', '--batch_size=8', '--gradient_accumulation_steps=2',
+SHORT = ['--max_iters=-1', '--epochs=1.25', '--max_train_samples=64', '--batch_size=8',
+         '--gradient_accumulation_steps=2',
          '--eval_interval=2', '--log_interval=1', '--eval_iters=2', '--sample_interval=0', '--eval_report_num=0']
 
 

@@ -258,7 +258,8 @@ if ckpt:
 
 
 def estimate_loss():
-    """Token-weighted caption loss on each dataset's val batches, summed over ranks."""
+    """Token-weighted caption loss on each dataset's val batches, summed over ranks: (loss,
+    loss per dataset, caption tokens it was measured on)."""
     vlm.eval()
     sums = torch.tensor([evaluate.caption_loss_sums(vlm, vl, autocast)[:2] for vl in val_loaders],
                         dtype=torch.float64, device=device).reshape(-1, 2)
@@ -266,7 +267,7 @@ def estimate_loss():
         dist.all_reduce(sums)
     vlm.train()
     per_source = {name: (s / c).item() if c else float('nan') for (name, _, _), (s, c) in zip(sources, sums)}
-    return (sums[:, 0].sum() / sums[:, 1].sum().clamp(min=1)).item(), per_source
+    return (sums[:, 0].sum() / sums[:, 1].sum().clamp(min=1)).item(), per_source, int(sums[:, 1].sum())
 
 
 def rng_states():
@@ -368,14 +369,14 @@ while True:
     # checkpoint (written before its step's eval) does not
     resumed_here = iter_num == last_eval_iter
     if (iter_num % eval_interval == 0 or iter_num >= max_iters) and not resumed_here:
-        val_loss, val_by_source = estimate_loss()
+        val_loss, val_by_source, val_tokens = estimate_loss()
         last_eval_iter = iter_num
         improved = val_loss < best_val_loss
         best_val_loss = min(best_val_loss, val_loss)
         log(f'eval {iter_num}: val loss {val_loss:.4f} | caption ppl {math.exp(min(val_loss, 50)):.2f}'
             + (' | ' + ' | '.join(f'{k} {v:.4f}' for k, v in val_by_source.items()) if len(sources) > 1 else '')
             + (' (best)' if improved and iter_num > 0 else ''))
-        write_log(dict(iter=iter_num, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)),
+        write_log(dict(iter=iter_num, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)), val_tokens=val_tokens,
                        **({'val_loss_by_source': val_by_source} if len(sources) > 1 else {})))
         if iter_num > 0 and (always_save_checkpoint or improved or iter_num >= max_iters):
             checkpoint_all_ranks(ckpt_path)
