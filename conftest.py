@@ -170,6 +170,21 @@ def image_folder(prepared_dir):
     """The absolute image folder a prepared dataset was made from."""
     return Path(read_meta(prepared_dir)['image_root_abs'])
 
+
+def asset_photos():
+    """The real photos of ../shared/assets/images ({name: path}) and the names of an RGBA and
+    a grayscale one; the test skips where they are absent (a fresh clone)."""
+    from PIL import Image
+    folder = ASSETS / 'images'
+    if not folder.is_dir():
+        pytest.skip('../shared/assets/images not present')
+    files = {f.name: f for f in folder.iterdir()}
+    modes = {n: Image.open(f).mode for n, f in files.items()}
+    picks = [next((n for n in sorted(files) if modes[n] == m), None) for m in ('RGBA', 'L')]
+    if None in picks:
+        pytest.skip(f'no RGBA and grayscale photo in {folder}: {modes}')
+    return files, picks
+
 # -----------------------------------------------------------------------------
 # fixtures, built once per session
 

@@ -21,7 +21,7 @@ import images
 import model as M
 import prepare_llava as P
 from common import UserError
-from conftest import ASSETS, TINY_ARGS
+from conftest import ASSETS, TINY_ARGS, asset_photos
 
 S = 48  # the tiny tower's input size
 
@@ -49,14 +49,7 @@ def test_load_image_modes(tmp_path):
 
 def test_real_photos_any_mode():
     """Read as the model sees them: RGBA composited on white, grayscale replicated to 3 channels."""
-    folder = ASSETS / 'images'
-    if not folder.is_dir():
-        pytest.skip('../shared/assets/images not present')
-    files = {f.name: f for f in folder.iterdir()}
-    modes = {n: Image.open(f).mode for n, f in files.items()}
-    picks = [next((n for n in sorted(files) if modes[n] == m), None) for m in ('RGBA', 'L')]
-    if None in picks:
-        pytest.skip(f'no RGBA and grayscale photo in {folder}: {modes}')
+    files, picks = asset_photos()
     spec = images.pack_spec(S)
     rgba = images.load_image(str(files[picks[0]]), spec)
     gray = images.load_image(str(files[picks[1]]), spec)

@@ -20,7 +20,8 @@ import evaluate
 import model as M
 import sample
 from common import resolve_device
-from conftest import ASSETS, assert_ok, assert_one_error_line, image_folder, read_meta, run_scripts_side_by_side
+from conftest import (ASSETS, assert_ok, assert_one_error_line, asset_photos, image_folder, read_meta,
+                      run_scripts_side_by_side)
 from images import load_image
 from metrics import score_rows
 
@@ -92,13 +93,7 @@ def test_sample_real_photos_any_mode(demo_run, capsys):
     immediate eos, so only the synthetic image above must get words), then an RGBA and a
     grayscale file as one Template B prompt."""
     folder = ASSETS / 'images'
-    if not folder.is_dir():
-        pytest.skip('../shared/assets/images not present')
-    files = {f.name: f for f in folder.iterdir()}
-    modes = {n: Image.open(f).mode for n, f in files.items()}
-    picks = [next((n for n in sorted(files) if modes[n] == m), None) for m in ('RGBA', 'L')]
-    if None in picks:
-        pytest.skip(f'no RGBA and grayscale photo in {folder}: {modes}')
+    files, picks = asset_photos()
     sample.main(['--ckpt', str(demo_run / 'ckpt.pt'), '--image', str(folder), '--device', 'cpu',
                  '--max_new_tokens', '16'])
     lines = capsys.readouterr().out.splitlines()
