@@ -1,7 +1,8 @@
 """
-Shared by every test file: paths, the environment scripts run in, the tiny model the tests
-build (the CPU demo's sizes, read from config/stage1_tiny.py), helpers to run scripts and
-read what they wrote, and the expensive fixtures, built once per test session:
+Shared by every test file (test_smoke.py here, the unit tests in tests/): paths, the
+environment scripts run in, the tiny model the tests build (the CPU demo's sizes, read from
+config/stage1_tiny.py), helpers to run scripts and read what they wrote, and the expensive
+fixtures, built once per test session:
 
   synthetic   600 drawn shape images, prepared with the tiny tokenizer by the real script
   tiny        the tiny VLM (eval mode) and its tokenizer

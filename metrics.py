@@ -10,8 +10,8 @@ report rows can be scored anywhere, and importing this module costs milliseconds
   length_stats         caption length distribution, generated vs references
   score_rows           all of the above on report rows: per-row scores and per-set summaries
 
-Written from the published definitions; test_metrics.py checks them against numbers from the
-COCO caption evaluation code on fixed examples and against hand-worked ones.
+Written from the published definitions; tests/test_metrics.py checks them against numbers
+from the COCO caption evaluation code on fixed examples and against hand-worked ones.
 """
 import math
 import re

@@ -4,7 +4,7 @@ how images are spliced into the LLM's input, the caption-only loss (padded and p
 generation, activation checkpointing, other vision towers, the full-size backbones on the
 meta device, and loading real weights from local directories.
 
-$ python -m pytest -q test_model.py
+$ python -m pytest -q tests/test_model.py
 """
 import json
 

@@ -5,7 +5,7 @@ images.zip or the packed file, pixel parity with the towers' own image processor
 CLIP, what VLM.encode_images feeds the tower, family defaults), and packing (lossless by
 default, --pack_size within a documented difference).
 
-$ python -m pytest -q test_images.py
+$ python -m pytest -q tests/test_images.py
 """
 import io
 import json

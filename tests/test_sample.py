@@ -4,7 +4,7 @@ the CPU demo's checkpoint: captions for a synthetic image and for real photos of
 the exported connector, the report written at the end of training against the untrained
 baseline, and the report writer itself.
 
-$ python -m pytest -q test_sample.py
+$ python -m pytest -q tests/test_sample.py
 """
 import json
 import os

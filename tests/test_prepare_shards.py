@@ -5,7 +5,7 @@ the same arrays, whatever way the shards are named; training reads the same pixe
 tars as from the folder; damaged shards keep their complete samples; verification and
 packing work on shards; records without a caption or an image are counted.
 
-$ python -m pytest -q test_prepare_shards.py
+$ python -m pytest -q tests/test_prepare_shards.py
 """
 import io
 import json

@@ -3,7 +3,7 @@ Tests of prepare_llava.py: a messy LLaVA-format dataset where every filter rule 
 more, folder vs images.zip, packing, caption JSONL, the val split, interrupted writes, one-line
 errors, the command line, and the real Qwen3 tokenizer. (--synthetic: test_synthetic.py.)
 
-$ python -m pytest -q test_prepare.py
+$ python -m pytest -q tests/test_prepare.py
 """
 import io
 import json

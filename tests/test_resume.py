@@ -7,7 +7,7 @@ Also: the logged lr follows the schedule, a mixture run logs per-source counts a
 (the mixed batch order itself: test_mixture.py), and a resume with other data settings is
 refused.
 
-$ python -m pytest -q test_resume.py         # under a minute on 2 CPU cores
+$ python -m pytest -q tests/test_resume.py         # under a minute on 2 CPU cores
 """
 import json
 import math

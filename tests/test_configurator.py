@@ -2,7 +2,7 @@
 Tests of configurator.py: config files and --key=value overrides, checked against the
 defaults' keys and types, every mistake a one-line UserError.
 
-$ python -m pytest -q test_configurator.py
+$ python -m pytest -q tests/test_configurator.py
 """
 import pytest
 

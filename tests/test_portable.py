@@ -5,7 +5,7 @@ shards under tmp/a, then the whole data folder moved to tmp/b, train.py trains f
 away from its images on its own stops with one line naming image_root, and --image_root
 fixes it.
 
-$ python -m pytest -q test_portable.py          # train.py runs side by side: ~30 s on 2 cores
+$ python -m pytest -q tests/test_portable.py          # train.py runs side by side: ~30 s on 2 cores
 """
 import json
 import shutil

@@ -3,7 +3,7 @@ Tests of common.py's atomic writes: whatever goes wrong in the middle of writing
 exception in the writer, a failed rename, a full disk), the previous file is left intact and
 no temp file stays behind; a full disk is a one-line UserError that names the file.
 
-$ python -m pytest -q test_common.py
+$ python -m pytest -q tests/test_common.py
 """
 import errno
 import os

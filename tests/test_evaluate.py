@@ -3,7 +3,7 @@ Tests of evaluate.py's parts, each against a computation by hand on the tiny mod
 loss and its shuffled-image and no-image controls, the references a generation is scored
 against, the prompts for captions and for QA questions.
 
-$ python -m pytest -q test_evaluate.py
+$ python -m pytest -q tests/test_evaluate.py
 """
 import json
 

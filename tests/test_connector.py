@@ -5,7 +5,7 @@ keys and values, bf16 (the residual stream stays fp32, bf16 features without aut
 attn_implementation reaching both backbones, and activation checkpointing zeroing every
 attention dropout.
 
-$ python -m pytest -q test_connector.py
+$ python -m pytest -q tests/test_connector.py
 """
 import math
 

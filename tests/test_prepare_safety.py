@@ -4,7 +4,7 @@ directory are dropped, counted and never read (folder, zip, caption JSONL), and 
 record (a lone surrogate, a line nested 200,000 deep) never aborts a run, while a caption
 file that is broken as a whole is one UserError line.
 
-$ python -m pytest -q test_prepare_safety.py
+$ python -m pytest -q tests/test_prepare_safety.py
 """
 import builtins
 import io

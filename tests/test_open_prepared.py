@@ -4,7 +4,7 @@ corrupt is refused when the dataset is opened (O(1) size checks, no scan of the 
 one UserError that names the file and says to run prepare again, never as empty captions or
 a crash in the middle of a run.
 
-$ python -m pytest -q test_open_prepared.py
+$ python -m pytest -q tests/test_open_prepared.py
 """
 import io
 import json

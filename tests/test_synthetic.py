@@ -2,7 +2,7 @@
 Tests of synthetic.py (prepare_llava.py --synthetic): the drawn shapes dataset the CPU demo
 and the other tests use, its QA set, and its determinism.
 
-$ python -m pytest -q test_synthetic.py
+$ python -m pytest -q tests/test_synthetic.py
 """
 import json
 import os

@@ -6,7 +6,7 @@ before any work; a checkpoint write that fails leaves the old checkpoint; damage
 counted (between log lines and across a resume) and a golden image that cannot be read is a
 warning, not the end of the run. Stopping and resuming: test_resume.py.
 
-$ python -m pytest -q test_train.py          # about a minute and a half on 2 CPU cores
+$ python -m pytest -q tests/test_train.py          # about a minute and a half on 2 CPU cores
 """
 import json
 import shutil

@@ -1,7 +1,7 @@
 """
 Tests for shards.py: WebDataset tar shards as an image-caption source.
 
-$ python -m pytest -q test_shards.py          # a few seconds on 2 CPU cores
+$ python -m pytest -q tests/test_shards.py          # a few seconds on 2 CPU cores
 
 Shards come from write_shards (the img2dataset layout: pax headers, sorted suffixes) or are
 built member by member with tarfile where a test needs an odd layout. tarfile is the oracle

@@ -3,7 +3,7 @@ Tests of data.py: the sample templates and labels, truncation, the prepared-data
 bad images at train time, image sources through DataLoader workers, multi-image mixing,
 the resumable (and sharded) batch order, length grouping, and image brackets.
 
-$ python -m pytest -q test_data.py
+$ python -m pytest -q tests/test_data.py
 """
 import json
 import shutil

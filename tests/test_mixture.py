@@ -3,7 +3,7 @@ Tests of dataset mixtures (data_dir='dirA:1.0,dirB:0.5'): the syntax, refusing d
 tokenised differently, and the mixed batch order following the weights while staying a pure
 function of (seed, position), across ranks and across a resume.
 
-$ python -m pytest -q test_mixture.py
+$ python -m pytest -q tests/test_mixture.py
 """
 import io
 import json

@@ -2,7 +2,7 @@
 Tests of metrics.py: BLEU-4 / CIDEr-D against the COCO caption evaluation code, CHAIR object
 hallucination, strict QA accuracy, caption lengths, score_rows.
 
-$ python -m pytest -q test_metrics.py          # about a second, no torch needed
+$ python -m pytest -q tests/test_metrics.py          # about a second, no torch needed
 """
 import math
 import subprocess
@@ -14,7 +14,7 @@ import pytest
 from metrics import (OBJECT_WORDS, bleu4, cider_d, hallucination_rate, length_stats, qa_scores, score_rows,
                      tokenize_caption)
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # the repository
 
 # A fixed 5-image corpus. Reference numbers below come from pycocoevalcap 1.2 (PyPI wheel;
 # Bleu(4) and Cider, which are pure Python), fed the output of tokenize_caption joined by
