@@ -364,8 +364,7 @@ def _measure(ctx, name, bs, packing=False, compile=False, grad_ckpt=False, steps
         conn = torch.compile(conn, backend=ctx['backend'])
     order = data.BatchOrder([ctx['ds']], [1.0], bs, 0, multi_image_frac=0.0)
     loader = data.make_loader(data.Mixture([ctx['ds']]), order, packing, ctx['ds'].builder.max_seq_len,
-                              0 if tiny else 8,
-                              ctx['eos'], dev.type == 'cuda')
+                              0 if tiny else 8, ctx['eos'], dev.type == 'cuda')
     it = iter(loader)
     if dev.type == 'cuda':
         torch.cuda.empty_cache()

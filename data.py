@@ -139,12 +139,11 @@ def write_prepared(out_dir, arrays, meta, packed_tmp=None):
         os.remove(meta_path)
     for name, tmp in tmps.items():
         os.replace(tmp, os.path.join(out_dir, name))
-    if not packed_tmp:  # a pack from an earlier run would not match the new image ids
-        for stale in ('images_packed.bin', 'images_packed_offsets.npy'):
-            if os.path.exists(os.path.join(out_dir, stale)):
-                os.remove(os.path.join(out_dir, stale))
-    if 'image_locs.npy' not in arrays and os.path.exists(os.path.join(out_dir, 'image_locs.npy')):
-        os.remove(os.path.join(out_dir, 'image_locs.npy'))
+    # an optional file of an earlier run that this one did not write would not match the new
+    # image ids (a pack, shard locations)
+    for stale in ('images_packed.bin', 'images_packed_offsets.npy', 'image_locs.npy'):
+        if stale not in tmps and os.path.exists(os.path.join(out_dir, stale)):
+            os.remove(os.path.join(out_dir, stale))
     write_meta(out_dir, meta)
 
 

@@ -333,18 +333,24 @@ def _from_pretrained(cls, name, what, **kw):
     if not os.path.isdir(name) and (name.startswith(('/', '.', '~')) or name.count('/') > 1):
         raise UserError(f"cannot load {what} '{name}': no such directory (a hub id looks like 'org/name')")
     weights = what in ('llm', 'vision')
-    out, why = None, ''
-    for local in (True, False):  # local first: no network needed, no retries
-        if not local and (os.path.isdir(name) or not hub_reachable()):
-            why = why if os.path.isdir(name) else 'not in the local Hugging Face cache and the hub is unreachable'
-            break
-        try:
-            with _quiet_transformers():
-                out = cls.from_pretrained(name, local_files_only=local, **kw,
-                                          **(dict(output_loading_info=True) if weights else {}))
-            break
-        except (OSError, ValueError) as e:
-            why = first_line(e)
+
+    def load(local):
+        with _quiet_transformers():
+            return cls.from_pretrained(name, local_files_only=local, **kw,
+                                       **(dict(output_loading_info=True) if weights else {}))
+    out = None
+    try:  # local first: no network needed, no retries
+        out = load(True)
+    except (OSError, ValueError) as e:
+        why = first_line(e)
+    if out is None and not os.path.isdir(name):
+        if not hub_reachable():
+            why = 'not in the local Hugging Face cache and the hub is unreachable'
+        else:
+            try:
+                out = load(False)
+            except (OSError, ValueError) as e:
+                why = first_line(e)
     if out is None:
         hint = f", or {what}='random:{name}' for random weights" if weights else ''
         raise UserError(f"cannot load {what} '{name}' ({why}); download it on a connected machine "

@@ -29,6 +29,8 @@ import time
 
 import numpy as np
 
+from common import Progress
+
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
 IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp')  # samples['exts'] holds an index into this
@@ -343,11 +345,11 @@ def scan_shard(path):
                    exts=np.frombuffer(bytes(exts), dtype=np.uint8).copy(), captions=captions)
     return samples, problems
 
+
 def index_shards(spec):
     """Every sample of the shards `spec` names (expand_shards), from their headers: (their
     common folder, shard paths relative to it, [(name 'shard.tar/KEY.jpg', (shard number,
     offset, size), caption)], [problem reason], n_missing shards of a range)."""
-    from common import Progress
     paths, n_missing = expand_shards(spec)
     root = os.path.commonpath([os.path.dirname(p) for p in paths])
     rel = [os.path.relpath(p, root) for p in paths]
