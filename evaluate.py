@@ -45,7 +45,7 @@ def prompt_ids(vlm, tok, n_images, prompt=None):
         raise UserError(f"the prompt has {prompt.count('<image>')} <image> markers for {n_images} images")
     if not prompt.endswith('\n'):
         prompt += '\n'  # the caption follows a newline in training
-    return data.encode_prompt(tok, prompt, vlm.connector_args['n_latents'], vlm.slot_id, vlm.brackets)
+    return data.encode_prompt(tok, prompt, vlm.connector_args['n_latents'], vlm.slot_id, vlm.brackets, vlm.bos_id)
 
 
 def caption_batch(vlm, tok, image_groups, prompt=None, temperature=0.0, top_p=0.9, max_new_tokens=64,
@@ -75,17 +75,40 @@ def backbone_autocast(vlm):
 def caption_loss_sums(vlm, batches, autocast=contextlib.nullcontext()):
     """(summed caption-token loss, caption tokens, skipped samples) over collated batches;
     the caller divides (and, under DDP, all-reduces first)."""
+    sums, bad = control_loss_sums(vlm, batches, autocast, controls=False)
+    return sums[0][0], int(sums[0][1]), bad
+
+
+# The val loss alone cannot tell a connector that sees from one that has learnt a soft prompt
+# (a fixed prefix that fits the captions on average): both lower it. The same captions with
+# the batch's images shuffled, and with no image at all, can: a connector that uses the image
+# has the right-image loss far below both, a soft prompt has it equal to the shuffled one.
+CONTROLS = ('right', 'shuffled', 'no_image')
+
+
+@torch.no_grad()
+def control_loss_sums(vlm, batches, autocast=contextlib.nullcontext(), controls=True):
+    """[[loss sum, caption tokens]] for the right images, and with controls also for the
+    images shuffled within each batch and with no image (CONTROLS order), plus the skipped
+    samples. The shuffled pass costs one more forward pass per batch, the no-image pass a
+    shorter one (no slots)."""
     device = vlm.pix_mean.device
-    tot, cnt, bad = 0.0, 0, 0
+    sums, bad = [[0.0, 0] for _ in (CONTROLS if controls else CONTROLS[:1])], 0
+    drop = [vlm.slot_id, *(vlm.brackets or ())]
     for b in batches:
         bad += b['n_bad']
         if not b['n_targets']:
             continue
-        images, input_ids, target_pos, target_ids, position_ids = data.to_device(b, device)
-        with autocast:
-            loss = vlm(images, input_ids, target_pos, target_ids, position_ids=position_ids, reduction='sum')
-        tot, cnt = tot + loss.item(), cnt + b['n_targets']
-    return tot, cnt, bad
+        variants = [b, _shuffled(b), without_images(b, drop, vlm.eos_id)] if controls else [b]
+        for k, v in enumerate(variants):
+            if not v['n_targets']:
+                continue
+            images, input_ids, target_pos, target_ids, position_ids = data.to_device(v, device)
+            with autocast:
+                loss = vlm(images, input_ids, target_pos, target_ids, position_ids=position_ids, reduction='sum')
+            sums[k][0] += loss.item()
+            sums[k][1] += v['n_targets']
+    return sums, bad
 
 
 def _shuffled(batch):
@@ -96,28 +119,44 @@ def _shuffled(batch):
     return batch if len(batch['sample_lens']) > 1 else dict(batch, n_targets=0)
 
 
-def _without_image(sample, vlm):
-    """A sample with its image slots (and brackets) removed: the caption from text alone."""
-    drop = {vlm.slot_id, *(vlm.brackets or ())}
-    keep = [t not in drop for t in sample['input_ids']]
-    return dict(sample, images=[], input_ids=[t for t, k in zip(sample['input_ids'], keep) if k],
-                labels=[t for t, k in zip(sample['labels'], keep) if k])
+def without_images(batch, drop_ids, pad_id):
+    """A collated batch (padded or packed) with every image slot and bracket removed: the
+    captions from text alone. Each row's kept tokens move left in order (a stable sort, no
+    loop over tokens); packed samples keep positions that restart at each sample."""
+    ids, labels = batch['input_ids'], batch['labels']
+    drop = torch.isin(ids, torch.tensor(drop_ids, dtype=ids.dtype))
+    order = torch.argsort(drop.to(torch.int8), dim=1, stable=True)
+    n_kept = (~drop).sum(1, keepdim=True)
+    T = int(n_kept.max()) if len(ids) else 0
+    col = torch.arange(T)[None]
+    real = col < n_kept
+    new_ids = torch.where(real, ids.gather(1, order)[:, :T], pad_id)
+    new_labels = torch.where(real, labels.gather(1, order)[:, :T], -100)
+    pos = batch['position_ids']
+    if pos is not None:
+        # drops before a token within its own sample: the running drop count minus its value
+        # where the sample started (position 0)
+        cum = drop.long().cumsum(1)
+        base = torch.where(pos == 0, cum - drop.long(), 0).cummax(1).values
+        kept_pos = (pos - (cum - base)).gather(1, order)[:, :T]
+        last = kept_pos.gather(1, (n_kept - 1).clamp(min=0))
+        pos = torch.where(real, kept_pos, last + col - n_kept + 1)  # pads continue the last sample
+    nxt = torch.zeros_like(new_labels, dtype=torch.bool)
+    nxt[:, :-1] = new_labels[:, 1:] != -100
+    return dict(batch, images=batch['images'][:0], input_ids=new_ids, labels=new_labels, position_ids=pos,
+                target_pos=torch.nonzero(nxt.flatten()).flatten(), target_ids=new_labels[:, 1:][nxt[:, :-1]],
+                n_tokens=batch['n_tokens'] - int(drop.sum()))
 
 
 def val_losses(vlm, ds, n, batch_size):
     """Caption loss of the first n val samples with the right images, with shuffled images,
-    and with no image; the first is the val loss."""
-    autocast = backbone_autocast(vlm)
+    and with no image; the first is the val loss. None where nothing was measured."""
     samples = [ds[i] for i in range(n)]
     batches = [data.collate(samples[s:s + batch_size], pad_id=vlm.eos_id) for s in range(0, n, batch_size)]
-    right = caption_loss_sums(vlm, batches, autocast)
-    shuffled = caption_loss_sums(vlm, (_shuffled(b) for b in batches), autocast)
-    text = [_without_image(s, vlm) for s in samples if not s.get('skipped') and len(s['images']) == 1]
-    none = caption_loss_sums(vlm, [data.collate(text[s:s + batch_size], pad_id=vlm.eos_id)
-                                   for s in range(0, len(text), batch_size)], autocast)
-    mean = lambda r: r[0] / max(r[1], 1)  # noqa: E731
-    return dict(loss=mean(right), caption_ppl=math.exp(min(mean(right), 50)), loss_shuffled_images=mean(shuffled),
-                loss_no_image=mean(none), skipped_samples=right[2])
+    sums, bad = control_loss_sums(vlm, batches, backbone_autocast(vlm))
+    right, shuffled, none = (s / c if c else None for s, c in sums)
+    return dict(loss=right, caption_ppl=math.exp(min(right, 50)) if right is not None else None,
+                loss_shuffled_images=shuffled, loss_no_image=none, skipped_samples=bad)
 
 # -----------------------------------------------------------------------------
 # Caption rows
@@ -204,18 +243,25 @@ def qa_rows(vlm, tok, path, decoding, batch_size):
 
 
 @torch.no_grad()
-def llm_untouched(vlm, tok, model_args, texts):
-    """Text-only logits through the VLM (inputs_embeds path, no images) must equal a freshly
-    loaded copy of the base LLM's. Fails if anything modified the frozen LLM."""
+def llm_untouched(vlm, tok, texts):
+    """Is the frozen LLM still the one that was loaded? Every weight against the fingerprint
+    taken when it was built (model.weights_fingerprint: no second copy of the LLM anywhere),
+    and text-only logits through the VLM's path (inputs_embeds, no images) against the LLM's
+    own (input_ids). Returns dict(ok, max_abs_logit_diff, changed_weights)."""
     device = vlm.pix_mean.device
-    ids = [tok(t, add_special_tokens=False)['input_ids'][:32] or [vlm.eos_id] for t in texts]
-    ours = [vlm.llm(inputs_embeds=vlm.embed(None, torch.tensor([i], device=device))).logits.float().cpu() for i in ids]
+    bos = [] if vlm.bos_id is None else [vlm.bos_id]
+    ids = [bos + tok(t, add_special_tokens=False)['input_ids'][:32] or [vlm.eos_id] for t in texts]
+    diff = 0.0
+    for i in ids:
+        x = torch.tensor([i], device=device)
+        ours = vlm.llm(inputs_embeds=vlm.embed(None, x)).logits.float()
+        diff = max(diff, float((ours - vlm.llm(input_ids=x).logits.float()).abs().max()))
+    want = getattr(vlm.llm, 'frozen_fingerprint', None)
+    now = M.weights_fingerprint(vlm.llm)
+    changed = sorted(k for k in now if want is None or want.get(k) != now[k])
     dtype = next(vlm.llm.parameters()).dtype
-    base = M.build_llm(model_args['llm'], dtype, device, vocab_size=len(tok))
-    theirs = [base(input_ids=torch.tensor([i], device=device)).logits.float().cpu() for i in ids]
-    del base
-    diff = max(float((a - b).abs().max()) for a, b in zip(ours, theirs))
-    return diff, diff <= (1e-4 if dtype == torch.float32 else 1e-2)
+    ok = diff <= (1e-4 if dtype == torch.float32 else 1e-2) and not changed
+    return dict(ok=ok, max_abs_logit_diff=diff, changed_weights=changed[:10], n_changed_weights=len(changed))
 
 # -----------------------------------------------------------------------------
 # The evaluation
@@ -223,7 +269,8 @@ def llm_untouched(vlm, tok, model_args, texts):
 
 def _score(vlm, tok, prepared, num, qa_path, decoding, batch_size):
     """Generations and metrics of the current connector: (rows, metrics)."""
-    builder = data.SampleBuilder(tok, vlm.connector_args['n_latents'], vlm.slot_id, vlm.eos_id, vlm.brackets)
+    builder = data.SampleBuilder(tok, vlm.connector_args['n_latents'], vlm.slot_id, vlm.eos_id, vlm.brackets,
+                                 bos_id=vlm.bos_id)
     ds = data.CaptionDataset(prepared, 'val', builder, vlm.image_spec, replace_bad=False)
     n = len(ds) if num <= 0 else min(num, len(ds))
     m = dict(val=val_losses(vlm, ds, n, batch_size))
@@ -254,20 +301,21 @@ def evaluate(vlm, tok, model_args, prepared, out_dir, *, num=500, qa_path=None, 
     metrics."""
     t0 = time.time()
     decoding = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+    device = vlm.pix_mean.device
     qa_path = qa_path or _meta_path(prepared, 'qa_file')
     base_metrics = None
     if baseline is not None:
         trained = {k: v.clone() for k, v in vlm.connector.state_dict().items()}
         vlm.connector.load_state_dict(baseline)
-        _, base_metrics = _score(vlm, tok, prepared, num, qa_path, dict(decoding, generator=_gen(seed)), batch_size)
+        _, base_metrics = _score(vlm, tok, prepared, num, qa_path, dict(decoding, generator=_gen(seed, device)),
+                                 batch_size)
         vlm.connector.load_state_dict(trained)
-    rows, m = _score(vlm, tok, prepared, num, qa_path, dict(decoding, generator=_gen(seed)), batch_size)
+    rows, m = _score(vlm, tok, prepared, num, qa_path, dict(decoding, generator=_gen(seed, device)), batch_size)
     m = dict(checkpoint=model_args.get('checkpoint', ''), decoding='greedy' if temperature <= 0 else
              f'temperature {temperature}, top_p {top_p}', seed=seed, **m)
     if llm_check:
         texts = [r['references'][0] for r in rows if r.get('references')][:4] or ['a photo of a cat.']
-        diff, ok = llm_untouched(vlm, tok, model_args, texts)
-        m['llm_untouched'] = dict(ok=ok, max_abs_logit_diff=diff)
+        m['llm_untouched'] = llm_untouched(vlm, tok, texts)
     m['seconds'] = time.time() - t0
     if base_metrics is not None:
         m['baseline'] = base_metrics
@@ -276,8 +324,9 @@ def evaluate(vlm, tok, model_args, prepared, out_dir, *, num=500, qa_path=None, 
     return m
 
 
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)  # reproducible reports when sampling
+def _gen(seed, device='cpu'):
+    """A generator where the logits are: sampling never copies a distribution to the host."""
+    return torch.Generator(device=device).manual_seed(seed)  # reproducible reports when sampling
 
 
 def _meta_path(prepared, key):
@@ -288,12 +337,16 @@ def _meta_path(prepared, key):
 
 def summary_line(m):
     v = m['val']
-    parts = [f"val loss {v['loss']:.4f} (ppl {v['caption_ppl']:.2f}; shuffled images "
-             f"{v['loss_shuffled_images']:.3f}, no image {v['loss_no_image']:.3f})"]
+    if v.get('loss') is None:
+        parts = ['val loss not measured (no val samples)']
+    else:
+        parts = [f"val loss {v['loss']:.4f} (ppl {v['caption_ppl']:.2f}; shuffled images "
+                 f"{metrics.fmt(v['loss_shuffled_images'], 3)}, no image {metrics.fmt(v['loss_no_image'], 3)})"]
     if 'cider_d' in v:
-        parts.append(f"CIDEr-D {v['cider_d']:.3f} | BLEU-4 {v['bleu4']:.3f} | CHAIR-i {v['chair_i']:.3f}")
+        parts.append(f"CIDEr-D {metrics.fmt(v['cider_d'], 3)} | BLEU-4 {metrics.fmt(v['bleu4'], 3)} | "
+                     f"CHAIR-i {metrics.fmt(v['chair_i'], 3)}")
     if 'qa' in m:
-        parts.append(f"QA accuracy {m['qa']['qa_accuracy']:.3f}")
+        parts.append(f"QA accuracy {metrics.fmt(m['qa'].get('qa_accuracy'), 3)}")
     if 'llm_untouched' in m:
         parts.append(f"LLM untouched: {m['llm_untouched']['ok']}")
     skipped = sum(m.get(k, {}).get('skipped_rows', 0) for k in ('val', 'golden', 'qa'))
@@ -336,13 +389,23 @@ def read_log(path):
     return out
 
 
+# (log key, legend, colour) of each curve plot_losses draws
+PLOTTED = [('loss', 'train loss', (31, 119, 180)), ('val_loss', 'val loss', (255, 127, 14)),
+           ('val_loss_shuffled', 'val, shuffled images', (214, 39, 40)),
+           ('val_loss_no_image', 'val, no image', (127, 127, 127))]
+
+
 def plot_losses(records, path, size=(720, 360)):
-    """Train and val loss against step, drawn with PIL (no plotting dependency). Returns True
-    if a picture was written."""
+    """Train and val loss against step, and the val loss with shuffled images and with no
+    image where the log has them (the step where the val loss leaves the shuffled one is where
+    the connector starts to see), drawn with PIL (no plotting dependency). Returns True if a
+    picture was written."""
     from PIL import Image, ImageDraw, ImageFont
-    train = [(r['iter'], r['loss']) for r in records if isinstance(r.get('loss'), (int, float))]
-    val = [(r['iter'], r['val_loss']) for r in records if isinstance(r.get('val_loss'), (int, float))]
-    pts = [p for p in train + val if math.isfinite(p[1])]
+    series = [(key, name, color, [(r['iter'], r[key]) for r in records if isinstance(r.get(key), (int, float))
+                                  and math.isfinite(r[key])])
+              for key, name, color in PLOTTED]
+    series = [x for x in series if x[3]]
+    pts = [p for *_, xy in series for p in xy]
     if len(pts) < 2:
         return False
     try:
@@ -366,15 +429,14 @@ def plot_losses(records, path, size=(720, 360)):
         d.text((left - 6, Y(yv)), f'{yv:.2f}', fill='black', font=font, anchor='rm')
     d.rectangle([left, top, W - right, H - bottom], outline='black')
     d.text(((left + W - right) / 2, H - 16), 'step', fill='black', font=font, anchor='ma')
-    for series, color, name in ((train, (31, 119, 180), 'train loss'), (val, (255, 127, 14), 'val loss')):
-        xy = [(X(x), Y(y)) for x, y in series if math.isfinite(y)]
+    for k, (key, name, color, pts) in enumerate(series):
+        xy = [(X(x), Y(y)) for x, y in pts]
         if len(xy) > 1:
             d.line(xy, fill=color, width=2)
-        for x, y in xy if series is val else []:
+        for x, y in xy if key != 'loss' else []:  # evals are few: each one a dot
             d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-        k = 0 if series is train else 1
-        d.line([(W - right - 130, top + 14 + 18 * k), (W - right - 105, top + 14 + 18 * k)], fill=color, width=3)
-        d.text((W - right - 98, top + 14 + 18 * k), name, fill='black', font=font, anchor='lm')
+        d.line([(W - right - 190, top + 14 + 18 * k), (W - right - 165, top + 14 + 18 * k)], fill=color, width=3)
+        d.text((W - right - 158, top + 14 + 18 * k), name, fill='black', font=font, anchor='lm')
     im.save(path)
     return True
 
@@ -397,7 +459,7 @@ def _fmt(v):
         return str(bool(v))
     if isinstance(v, (float, np.floating)):
         return f'{v:.4f}'
-    return '' if v is None else str(v)
+    return 'not measured' if v is None else str(v)
 
 
 def _is_length_stats(v):
@@ -412,16 +474,16 @@ def _walk_metrics(d, prefix=''):
             yield key, v
         elif isinstance(v, dict):
             yield from _walk_metrics(v, key + '.')
-        elif isinstance(v, (bool, int, float, str, np.number, np.bool_)):
-            yield key, v
+        elif v is None or isinstance(v, (bool, int, float, str, np.number, np.bool_)):
+            yield key, v  # None: a metric of an empty set, shown as 'not measured'
 
 
 def _row_scores(row):
     parts = []
     if 'bleu4' in row:
-        parts.append(f"BLEU-4 {row['bleu4']:.3f}")
+        parts.append(f"BLEU-4 {metrics.fmt(row['bleu4'])}")
     if 'cider_d' in row:
-        parts.append(f"CIDEr-D {row['cider_d']:.3f}")
+        parts.append(f"CIDEr-D {metrics.fmt(row['cider_d'])}")
     if row.get('hallucinated'):
         parts.append('hallucinated: ' + ', '.join(row['hallucinated']))
     for k in ('correct', 'exact', 'contains'):
@@ -430,23 +492,34 @@ def _row_scores(row):
     return '<br>'.join(_md(p) for p in parts)
 
 
-def _metrics_table(metrics):
-    """The metrics as one table; with a baseline (metrics['baseline']), side by side."""
+def _metrics_table(metrics, notes=None, columns=None):
+    """The metrics as one table; with a baseline (metrics['baseline']), side by side. notes:
+    the paragraph above the table (default: what the val metrics mean). columns: {title:
+    metrics dict} shown first as one table with a column per dict (a benchmark's scores over
+    all images and per domain)."""
     header = ('checkpoint', 'decoding', 'seed', 'seconds')
     base = dict(_walk_metrics(metrics.get('baseline', {})))
     found = [(k, v) for k, v in _walk_metrics({k: v for k, v in metrics.items() if k not in ('baseline', *header)})
              if not _is_length_stats(v)]
-    if not found:
+    if not found and not columns:
         return []
     about = ', '.join(f'{k} {_fmt(metrics[k])}' for k in header if k in metrics)
     about += '; untrained: the connector as initialised, same seed' if base else ''
-    lines = ['## Metrics', '', _md(about), '',
+    lines = ['## Metrics', '', _md(about), '', notes if notes is not None else
              'val.loss: caption-token loss with the right images; loss_shuffled_images: the same captions with '
              "another sample's image; loss_no_image: the caption from text alone (the connector uses the image "
              'when val.loss is far below both). BLEU-4 (corpus) and CIDEr-D as in the COCO caption evaluation; '
              'chair_i: hallucinated object mentions / object mentions, chair_s: captions with one or more '
              '(CHAIR, all references of a sample as ground truth); qa_accuracy: the answer named, not negated, and '
              'no other answer of its kind named; qa_contains_lenient: the answer appears anywhere.', '']
+    if columns:
+        flat = [dict(_walk_metrics(d)) for d in columns.values()]
+        keys = list(dict.fromkeys(k for f in flat for k in f))
+        lines += ['| metric | ' + ' | '.join(_md(t) for t in columns) + ' |', '|---' * (len(columns) + 1) + '|']
+        lines += ['| ' + ' | '.join([_md(k)] + [_md(_fmt(f.get(k))) for f in flat]) + ' |' for k in keys]
+        lines += ['']
+    if not found:
+        return lines
     if base:
         lines += ['| metric | trained | untrained |', '|---|---|---|']
         lines += [f'| {_md(k)} | {_md(_fmt(v))} | {_md(_fmt(base.get(k)))} |' for k, v in found]
@@ -501,7 +574,8 @@ def _gallery(out_dir, rows, thumbs, gallery_size):
     return lines + ['']
 
 
-def write_report(out_dir, rows, metrics, thumbs=True, title='Evaluation report', gallery_size=32, log_path=None):
+def write_report(out_dir, rows, metrics, thumbs=True, title='Evaluation report', gallery_size=32, log_path=None,
+                 notes=None, columns=None):
     """
     Writes out_dir/generations.jsonl (every row: id, image, prompt, generation, references,
     then any per-sample scores; a row's PIL image under "pil" is not written) and
@@ -510,7 +584,8 @@ def write_report(out_dir, rows, metrics, thumbs=True, title='Evaluation report',
     gallery of the first gallery_size rows with 128 px JPEG thumbnails in out_dir/thumbs/.
     Rows name their image by path under "image" (or a list of paths, multi-image) or carry it
     under "pil". All links are relative to out_dir, so the folder renders wherever it is
-    copied. Returns report.md's path.
+    copied. notes and columns: see _metrics_table (a benchmark's report). Returns report.md's
+    path.
     """
     os.makedirs(out_dir, exist_ok=True)
     lines_out = []
@@ -523,9 +598,10 @@ def write_report(out_dir, rows, metrics, thumbs=True, title='Evaluation report',
 
     lines = [f'# {title}', '', f'{len(rows)} generations; every one, with its per-sample scores, is in '
              f'[generations.jsonl](generations.jsonl).', '']
-    lines += _metrics_table(metrics)
+    lines += _metrics_table(metrics, notes, columns)
     if log_path and plot_losses(read_log(log_path), os.path.join(out_dir, 'loss.png')):
-        lines += ['## Loss curve', '', '![train and val loss against step](loss.png)', '']
+        lines += ['## Loss curve', '', '![train and val loss against step, val also with shuffled images and with no '
+                  'image](loss.png)', '']
     lines += _length_tables(metrics)
     lines += _gallery(out_dir, rows, thumbs, gallery_size)
     path = os.path.join(out_dir, 'report.md')

@@ -14,14 +14,16 @@ prepare_llava.py runs over them.
 import io
 import json
 import os
+import struct
 import time
 import warnings
 import zipfile
+import zlib
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from common import Progress, UserError, hub_reachable
+from common import Progress, UserError, hub_reachable, parse_backbone
 
 MIN_SIDE = 8  # images smaller than this on a side carry no usable signal for a 384 px tower
 
@@ -94,8 +96,7 @@ def image_spec(name, vision_cfg):
     the tower), `shortest_edge` (None: resize straight to size x size, as SigLIP; else resize
     the shortest side to it, then centre-crop, as CLIP), `resample`, `mean`/`std`. A tower
     without a preprocessor file gets its family's rule; an unknown family is an error rather
-    than a silent guess. name: a backbone name ('tiny', 'random:X', X; model.parse_backbone)."""
-    from model import parse_backbone  # here: model.py imports this module
+    than a silent guess. name: a backbone name ('tiny', 'random:X', X; common.parse_backbone)."""
     kind, base = parse_backbone(name)
     p = None
     if kind != 'tiny':
@@ -198,7 +199,12 @@ class ImageReader:
         if self._pid == os.getpid():
             return
         self._pid = os.getpid()
-        if self.kind == 'zip':
+        locs = os.path.join(self.dir, 'zip_locs.npy')
+        if self.kind == 'zip' and os.path.exists(locs):
+            # where each member is, found at prepare time: zipfile.ZipFile would parse the whole
+            # central directory in every process (558K entries: ~0.3 GB per loader worker)
+            self._locs, self._file = np.load(locs, mmap_mode='r'), open(self.root, 'rb')
+        elif self.kind == 'zip':  # prepared before zip_locs.npy existed
             self._zip = zipfile.ZipFile(self.root)
         elif self.kind == 'packed':
             self._blob = np.memmap(os.path.join(self.dir, 'images_packed.bin'), dtype=np.uint8, mode='r')
@@ -223,6 +229,8 @@ class ImageReader:
         if self.kind == 'shards':
             shard, offset, size = (int(v) for v in self._locs[image_id])
             return self._files.read(shard, offset, size)
+        if self.kind == 'zip' and hasattr(self, '_file'):
+            return read_zip_member(self._file, *(int(v) for v in self._locs[image_id]))
         if self.kind == 'zip':
             return self._zip.read(self.name(image_id))
         with open(os.path.join(self.root, self.name(image_id)), 'rb') as f:
@@ -230,6 +238,30 @@ class ImageReader:
 
     def __getstate__(self):  # workers reopen their own handles
         return {k: v for k, v in self.__dict__.items() if not k.startswith('_')} | {'_pid': None}
+
+def zip_locations(root, names):
+    """int64 [n, 3] of zip members (local header offset, compressed size, method), read from
+    the central directory once, at prepare time."""
+    with zipfile.ZipFile(root) as zf:
+        info = {i.filename: i for i in zf.infolist()}
+    return np.array([(info[n].header_offset, info[n].compress_size, info[n].compress_type) for n in names],
+                    dtype=np.int64).reshape(-1, 3)
+
+
+def read_zip_member(f, offset, size, method):
+    """One member's bytes from an open zip file, by its zip_locations row."""
+    f.seek(offset)
+    head = f.read(30)
+    if head[:4] != b'PK\x03\x04':
+        raise ValueError(f'no zip member at byte {offset}: the zip changed since it was prepared')
+    name_len, extra_len = struct.unpack('<HH', head[26:30])  # the local header's own lengths
+    f.seek(offset + 30 + name_len + extra_len)
+    data = f.read(size)
+    if method == zipfile.ZIP_STORED:
+        return data
+    if method == zipfile.ZIP_DEFLATED:
+        return zlib.decompress(data, -15)  # raw deflate, as zip stores it
+    raise ValueError(f'zip compression method {method} is not supported (stored or deflated only)')
 
 # -----------------------------------------------------------------------------
 # Prepare time: existence, verification, packing

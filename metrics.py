@@ -3,15 +3,18 @@ Caption and QA metrics for the evaluation report, in pure Python (standard libra
 report rows can be scored anywhere, and importing this module costs milliseconds).
 
   tokenize_caption     lowercase, punctuation dropped, split on whitespace
-  bleu4                corpus BLEU-4 equal to pycocoevalcap's Bleu(4), plus a smoothed BLEU per sentence
+  bleu4, bleu_scores   corpus BLEU-4 / BLEU-1..4 equal to pycocoevalcap's Bleu(4), plus a smoothed BLEU per sentence
   cider_d              CIDEr-D equal to pycocoevalcap's Cider
-  hallucination_rate   CHAIR-i / CHAIR-s (Rohrbach et al. 2018), the references as ground truth
+  rouge_l              ROUGE-L equal to pycocoevalcap's Rouge
+  hallucination_rate   CHAIR-i / CHAIR-s (Rohrbach et al. 2018), the references (or given objects) as ground truth
   qa_scores            short-answer QA: strict accuracy, exact match, and a lenient contains match
   length_stats         caption length distribution, generated vs references
   score_rows           all of the above on report rows: per-row scores and per-set summaries
 
 Written from the published definitions; tests/test_metrics.py checks them against numbers
-from the COCO caption evaluation code on fixed examples and against hand-worked ones.
+from the COCO caption evaluation code on fixed examples and against hand-worked ones. The
+caption metrics take a `tokenize` function: the report's tokenize_caption by default, or
+str.split on text the PTB tokenizer already split (coco_caption.py: the official scores).
 """
 import math
 import re
@@ -95,7 +98,7 @@ def _bleu_sentence(matches, totals, c_len, r_len):
     bp = 1.0 if c_len > r_len else math.exp(1.0 - r_len / c_len)  # brevity penalty
     return bp * math.exp(log_p)
 
-def bleu4(candidates, references_list):
+def bleu4(candidates, references_list, tokenize=tokenize_caption):
     """
     Returns (corpus BLEU-4, [sentence BLEU-4 per sample]).
     Corpus: equal to pycocoevalcap's Bleu(4) (its 4th value). Clipped n-gram matches and totals
@@ -106,15 +109,24 @@ def bleu4(candidates, references_list):
     Per sample: unofficial, Chen & Cherry method-1 smoothed, for sorting and inspecting only
     (these do not average to the corpus score; report the corpus score).
     """
+    scores, stats = _bleu_all(candidates, references_list, tokenize)
+    return scores[3], [_bleu_sentence(*s) for s in stats]
+
+def bleu_scores(candidates, references_list, tokenize=tokenize_caption):
+    """[corpus BLEU-1, BLEU-2, BLEU-3, BLEU-4], equal to pycocoevalcap's Bleu(4) (its
+    Bleu_1..Bleu_4): BLEU-n is the geometric mean of the first n precisions, with the one
+    brevity penalty."""
+    return _bleu_all(candidates, references_list, tokenize)[0]
+
+def _bleu_all(candidates, references_list, tokenize):
     refs = _check_pairs(candidates, references_list)
-    stats = [_bleu_stats(tokenize_caption(c), [tokenize_caption(r) for r in rs])
-             for c, rs in zip(candidates, refs)]
+    stats = [_bleu_stats(tokenize(c), [tokenize(r) for r in rs]) for c, rs in zip(candidates, refs)]
     if not stats:
-        return 0.0, []
+        return [None] * 4, []  # an empty corpus is not measured, not a score of 0
     matches = [sum(s[0][n] for s in stats) for n in range(4)]
     totals = [sum(s[1][n] for s in stats) for n in range(4)]
     c_len, r_len = sum(s[2] for s in stats), sum(s[3] for s in stats)
-    return _bleu_corpus(matches, totals, c_len, r_len), [_bleu_sentence(*s) for s in stats]
+    return [_bleu_corpus(matches[:n], totals[:n], c_len, r_len) for n in range(1, 5)], stats
 
 # -----------------------------------------------------------------------------
 # CIDEr-D (Vedantam, Zitnick, Parikh 2015), as in the COCO caption evaluation
@@ -128,7 +140,7 @@ def _tfidf(counts, df, log_num_images):
         norms.append(math.sqrt(sum(x * x for x in v.values())))
     return vecs, norms
 
-def cider_d(candidates, references_list, sigma=6.0):
+def cider_d(candidates, references_list, sigma=6.0, tokenize=tokenize_caption):
     """
     Returns (corpus mean CIDEr-D, [CIDEr-D per sample]). For each n in 1..4 a caption is a
     TF-IDF vector over its n-grams; IDF is log(#images) - log(max(1, df)) with df = number of
@@ -140,8 +152,8 @@ def cider_d(candidates, references_list, sigma=6.0):
     reference). A one-image corpus scores 0: every reference n-gram then has IDF log(1) = 0.
     """
     refs = _check_pairs(candidates, references_list)
-    cands = [tokenize_caption(c) for c in candidates]
-    refs = [[tokenize_caption(r) for r in rs] for rs in refs]
+    cands = [tokenize(c) for c in candidates]
+    refs = [[tokenize(r) for r in rs] for rs in refs]
     counts = lambda toks: [_ngrams(toks, n) for n in range(1, 5)]
     ref_counts = [[counts(r) for r in rs] for rs in refs]
     # document frequency: in how many images' reference sets does each n-gram occur
@@ -164,7 +176,41 @@ def cider_d(candidates, references_list, sigma=6.0):
                 dot = sum(min(x, vr[n].get(g, 0.0)) * vr[n].get(g, 0.0) for g, x in vc[n].items())
                 total += penalty * dot / (nc[n] * nr[n])
         scores.append(10.0 * total / (4 * len(rs)))
-    return (sum(scores) / len(scores) if scores else 0.0), scores
+    return (sum(scores) / len(scores) if scores else None), scores
+
+# -----------------------------------------------------------------------------
+# ROUGE-L (Lin 2004), as in the COCO caption evaluation
+
+def _lcs(a, b):
+    # length of the longest common subsequence, bit-parallel (Hyyro 2004): one big-int step
+    # per token of b instead of a len(a) x len(b) table, ~10x faster in pure Python
+    masks = {}
+    for i, t in enumerate(a):
+        masks[t] = masks.get(t, 0) | (1 << i)
+    full = (1 << len(a)) - 1
+    v = full
+    for t in b:
+        u = v & masks.get(t, 0)
+        v = ((v + u) | (v - u)) & full
+    return len(a) - bin(v).count('1')
+
+def rouge_l(candidates, references_list, beta=1.2, tokenize=tokenize_caption):
+    """
+    Returns (mean ROUGE-L, [per sample]), equal to pycocoevalcap's Rouge: per sample the
+    largest LCS precision and the largest LCS recall over its references (each may come from
+    a different reference), then F = (1 + beta^2) P R / (R + beta^2 P), beta 1.2.
+    """
+    refs = _check_pairs(candidates, references_list)
+    scores = []
+    for c, rs in zip(candidates, refs):
+        ct = tokenize(c) or ['']  # the toolkit splits on ' ': an empty caption is one empty token
+        p = r = 0.0
+        for ref in rs:
+            rt = tokenize(ref) or ['']
+            lcs = _lcs(rt, ct)
+            p, r = max(p, lcs / len(ct)), max(r, lcs / len(rt))
+        scores.append((1 + beta ** 2) * p * r / (r + beta ** 2 * p) if p and r else 0.0)
+    return (sum(scores) / len(scores) if scores else None), scores
 
 # -----------------------------------------------------------------------------
 # object hallucination (CHAIR, Rohrbach et al. 2018, with the references as ground truth)
@@ -291,7 +337,16 @@ def _objects_in(tokens, vocab, longest=3):
         i += step
     return found
 
-def hallucination_rate(candidates, references_list, vocab=OBJECT_WORDS):
+def objects_in(caption, vocab=OBJECT_WORDS):
+    """The canonical object of every mention in a caption, in order, repeats kept."""
+    longest = _LONGEST.get(id(vocab))
+    if longest is None:  # the longest phrase, in words: computed once per vocabulary
+        longest = _LONGEST[id(vocab)] = max(k.count(' ') + 1 for k in list(vocab) + list(_NOT_OBJECTS))
+    return _objects_in(tokenize_caption(caption), vocab, longest)
+
+_LONGEST = {}
+
+def hallucination_rate(candidates, references_list, vocab=OBJECT_WORDS, truths=None, objects=None):
     """
     CHAIR (Rohrbach et al. 2018): objects a generation mentions that are absent from the
     sample's ground truth, the objects named in any of its references. Returns
@@ -303,23 +358,27 @@ def hallucination_rate(candidates, references_list, vocab=OBJECT_WORDS):
     words also works); synonyms map to one object, so "puppy" in the generation is grounded by
     "dog" in a reference. CHAIR proper also uses the COCO segmentations; here the references
     are the only ground truth, so an object present in the image but in no reference counts.
+    truths: one set of canonical objects per sample to use as the ground truth instead (CHAIR
+    as published on COCO: the image's segmented objects and its captions' objects).
+    objects: a function caption -> canonical objects mentioned, instead of the vocab lookup.
     """
     refs = _check_pairs(candidates, references_list)
     if not isinstance(vocab, dict):
         vocab = {w: w for w in vocab}
-    longest = max(k.count(' ') + 1 for k in list(vocab) + list(_NOT_OBJECTS))
+    objects = objects or (lambda text: objects_in(text, vocab))
     per_sample = []
     mentioned = hallucinated = captions_with = 0
-    for c, rs in zip(candidates, refs):
-        truth = {o for r in rs for o in _objects_in(tokenize_caption(r), vocab, longest)}
-        gen = _objects_in(tokenize_caption(c), vocab, longest)
+    for k, (c, rs) in enumerate(zip(candidates, refs)):
+        truth = set(truths[k]) if truths is not None else {o for r in rs for o in objects(r)}
+        gen = objects(c)
         bad = [o for o in gen if o not in truth]
         per_sample.append(sorted(set(bad)))
         mentioned += len(gen)
         hallucinated += len(bad)
         captions_with += bool(bad)
     n = len(per_sample)
-    summary = {'chair_i': hallucinated / mentioned if mentioned else 0.0, 'chair_s': captions_with / n if n else 0.0,
+    # no object mentioned (or no caption): CHAIR is not measured, rather than a perfect 0
+    summary = {'chair_i': hallucinated / mentioned if mentioned else None, 'chair_s': captions_with / n if n else None,
                'objects_mentioned': mentioned, 'objects_hallucinated': hallucinated,
                'captions_with_hallucination': captions_with, 'captions': n}
     return summary, per_sample
@@ -419,7 +478,7 @@ def qa_scores(predictions, answers_list):
         exact.append(any(p == a for a in norm))
         contains.append(any(f' {a} ' in f' {p} ' for a in norm))
         correct.append(_qa_correct(pred, accepted))
-    n, mean = len(exact), lambda xs: sum(xs) / len(xs) if xs else 0.0
+    n, mean = len(exact), lambda xs: sum(xs) / len(xs) if xs else None  # no question: not measured
     return {'exact': mean(exact), 'contains_lenient': mean(contains), 'accuracy': mean(correct), 'n': n,
             'exact_per_sample': exact, 'contains_per_sample': contains, 'accuracy_per_sample': correct}
 
@@ -502,3 +561,8 @@ def score_rows(rows):
         if kinds:
             metrics['qa_by_kind'] = {k: sum(v) / len(v) for k, v in sorted(kinds.items())}
     return metrics
+
+
+def fmt(x, digits=3):
+    """A metric for a line of text: a metric of an empty set (None) is 'not measured'."""
+    return 'not measured' if x is None else f'{x:.{digits}f}'

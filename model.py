@@ -3,46 +3,36 @@ The model: a frozen vision tower and a frozen causal LLM joined by the trainable
 (connector.py).
 
 Read top to bottom:
-1) backbone names, the two defaults' known configs, the tiny preset and its tokenizer,
-2) the VLM glue: encode images, splice connector outputs into the slot positions of
-   inputs_embeds, caption-only loss, batched generation,
-3) builders (hub id / local dir with real weights, `random:` from a config, `tiny`) and the
-   image preprocessing rule of a tower,
-4) checkpoints: load, rebuild the model from one, export the connector,
-5) FLOPs per batch and device peaks, for MFU.
+1) the model keys, the two defaults' known configs, the tiny preset and its tokenizer,
+2) the token rules of any LLM family (eos, bos, the slot token, brackets), in one place,
+3) the VLM glue: encode images, splice connector outputs into the slot positions of
+   inputs_embeds, caption-only loss (with the family's own logit post-processing), batched
+   generation,
+4) builders (hub id / local dir with real weights, loaded straight onto the device;
+   `random:` from a config; `tiny`), with the head check and the weights' fingerprint,
+5) checkpoints: load, rebuild the model from one, export the connector.
+FLOPs and device peaks, for MFU, are in flops.py.
 """
 import contextlib
 import json
 import math
 import os
+import re
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UserError, atomic_write_bytes, first_line, hub_reachable
+from common import UserError, atomic_write_bytes, first_line, hub_reachable, parse_backbone
 from connector import Connector
 from images import image_spec
 
 # -----------------------------------------------------------------------------
-# Backbone specs. A backbone is named by one string:
-#   'Qwen/Qwen3-8B-Base' or '/path/to/dir'   real weights (hub id or local directory)
-#   'random:Qwen/Qwen3-8B-Base'               the known architecture with random weights (no download)
-#   'random:/path/to/dir'                     architecture from a local config.json, random weights
-#   'tiny'                                    a few layers, small widths (CPU demo and tests)
+# Backbones are named by one string (common.parse_backbone): a hub id or local directory
+# (real weights), 'random:<id or dir>' (that architecture, random weights) or 'tiny'.
 
 DEFAULT_LLM = 'Qwen/Qwen3-8B-Base'
 DEFAULT_VISION = 'google/siglip-so400m-patch14-384'
-
-
-def parse_backbone(name):
-    """(kind, base) of a backbone name: kind is 'tiny', 'random' or 'pretrained'; base is the
-    hub id or directory without the 'random:' prefix."""
-    if name == 'tiny':
-        return 'tiny', 'tiny'
-    if name.startswith('random:'):
-        return 'random', name[len('random:'):]
-    return 'pretrained', name
 
 
 # The model config keys, with their defaults (the design notes' recommendations). train.py
@@ -52,6 +42,7 @@ MODEL_DEFAULTS = dict(
     vision=DEFAULT_VISION,  # hub id, local dir, 'random:<id or dir>', or 'tiny'
     llm=DEFAULT_LLM,
     tokenizer='',  # '' = the tokenizer the data was prepared with (meta.json)
+    slot_token='',  # the token the image slots reuse; '' = the data's (meta.json), chosen per tokenizer
     vision_feature_layer=-2,  # penultimate layer, as LLaVA
     n_latents=64,  # visual tokens per image
     resampler_width=1024,
@@ -62,7 +53,7 @@ MODEL_DEFAULTS = dict(
     proj_dropout=0.0,
     vision_ln=True,
     match_embed_scale=True,  # connector output RMS starts at the LLM's token-embedding RMS
-    image_brackets=False,  # wrap slots in <|vision_start|> ... <|vision_end|>
+    image_brackets=False,  # wrap slots in a start/end pair the tokenizer has (<|vision_start|> ...)
 )
 MODEL_KEYS = tuple(MODEL_DEFAULTS)
 
@@ -90,9 +81,8 @@ TINY_LLM = dict(model_type='qwen3', hidden_size=128, intermediate_size=256, num_
                 num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                 max_position_embeddings=2048, tie_word_embeddings=False, rms_norm_eps=1e-6, initializer_range=0.2)
 
-# Tokens the prompt builder needs. Qwen's tokenizer has all of them; the tiny one copies them
-# so the same code path runs on both. Slots reuse an existing token id: the LLM's embedding
-# table is frozen, so a new token could never learn an embedding (and it is overwritten anyway).
+# The tiny tokenizer's special tokens: Qwen's names, so the tiny preset takes the same token
+# rules (below) as the default LLM.
 EOS_TOKEN = '<|endoftext|>'
 SLOT_TOKEN = '<|image_pad|>'
 VISION_START, VISION_END = '<|vision_start|>', '<|vision_end|>'
@@ -138,17 +128,91 @@ def load_tokenizer(name):
     return _from_pretrained(AutoTokenizer, base, 'tokenizer')
 
 
-def special_ids(tok):
-    """eos / slot / bracket ids of a tokenizer, checked to be single existing tokens."""
-    ids = {}
-    for key, t in (('eos', EOS_TOKEN), ('slot', SLOT_TOKEN), ('vision_start', VISION_START),
-                   ('vision_end', VISION_END)):
-        i = tok.convert_tokens_to_ids(t)
-        if i is None or i == tok.unk_token_id:
-            raise UserError(f"tokenizer '{tok.name_or_path}' has no token {t}; use a Qwen-family tokenizer "
-                            f"or the 'tiny' one")
-        ids[key] = int(i)
-    return ids
+# -----------------------------------------------------------------------------
+# Token rules: everything the prompt builder asks of a tokenizer, for any LLM family, decided
+# here and nowhere else.
+# - eos: the tokenizer's own end of text (Qwen base <|endoftext|>, Llama-3 <|end_of_text|>,
+#   Mistral </s>, Gemma <eos>, SmolLM2-Instruct <|im_end|>);
+# - bos: prepended to every sequence exactly when the tokenizer itself prepends one to text
+#   (Llama, Mistral, Gemma do; Qwen does not), so the LLM sees the start it was trained on;
+# - the slot token: an existing token that text never produces. The LLM's embedding table is
+#   frozen, so a new token could never learn an embedding, and the slots' embeddings are
+#   overwritten anyway; any special token that is not bos/eos/pad will do. Chosen from the
+#   table below, overridable with slot_token; captions that contain it are dropped when the
+#   data is prepared;
+# - brackets around each image's slots, only where the tokenizer has such a pair.
+SLOT_NAMES = ('<|image_pad|>', '<image_soft_token>', '<|image|>', '<image>', '[IMG]', '<|IMAGE|>')
+SLOT_RESERVED = re.compile(r'reserved|unused|placeholder|control|extra_id', re.I)  # tokens kept spare
+BRACKET_PAIRS = (('<|vision_start|>', '<|vision_end|>'), ('<start_of_image>', '<end_of_image>'),
+                 ('<|image_start|>', '<|image_end|>'), ('<image_start>', '<image_end>'), ('<img>', '</img>'))
+# text a tokenizer with an unknown-token fallback cannot cover: accents, CJK, emoji, a control byte
+UNK_PROBE = 'zqx Ærøskøbing 東京 \U0001F600 \u2603 ~^` \x07'
+
+
+def single_id(tok, text):
+    """The id of `text` if it is one token of the tokenizer's vocabulary, else None."""
+    i = tok.convert_tokens_to_ids(text)
+    if i is None or (i == tok.unk_token_id and text != tok.unk_token):
+        return None
+    return int(i)
+
+
+def _bos_id(tok):
+    """The id the tokenizer puts before text on its own (add_special_tokens), or None."""
+    plain = tok('a b', add_special_tokens=False)['input_ids']
+    full = tok('a b')['input_ids']
+    return int(full[0]) if full[:1] != plain[:1] and full[1:1 + len(plain)] == plain else None
+
+
+def _slot_candidates(tok, taken):
+    """Token texts that could hold the image slots, best first: the known image-slot names,
+    then the spare tokens a family reserves, then its other special tokens, and as a last
+    resort the unknown token of a tokenizer that never produces it (byte-level BPE)."""
+    added = {int(i): t for i, t in tok.added_tokens_decoder.items()}
+    special = {i: t.content for i, t in sorted(added.items()) if t.special}
+    bracket_texts = {t for pair in BRACKET_PAIRS for t in pair}
+    ok = lambda t: t not in bracket_texts and single_id(tok, t) not in taken | {tok.unk_token_id}  # noqa: E731
+    names = [t for t in SLOT_NAMES if single_id(tok, t) is not None]
+    spare = [t.content for _, t in sorted(added.items()) if SLOT_RESERVED.search(t.content)]
+    yield from (t for t in names + spare + list(special.values()) if ok(t))
+    unk = tok.unk_token_id
+    if unk is not None and unk not in taken and unk not in tok(UNK_PROBE, add_special_tokens=False)['input_ids']:
+        yield tok.unk_token
+
+
+def special_ids(tok, slot_token=''):
+    """The token rules of a tokenizer: dict(eos, bos (None: no bos), slot, slot_token,
+    vision_start / vision_end (None: no bracket pair)). slot_token: '' chooses it (above)."""
+    name = tok.name_or_path
+    eos = None if tok.eos_token is None else single_id(tok, tok.eos_token)
+    if eos is None:
+        raise UserError(f"tokenizer '{name}' has no eos token (eos_token in its tokenizer_config.json): give the "
+                        f"LLM's own tokenizer, or set eos_token there")
+    bos = _bos_id(tok)
+    taken = {eos, bos, tok.pad_token_id, tok.bos_token_id} - {None}
+    if slot_token:
+        slot = single_id(tok, slot_token)
+        if slot is None or slot in taken:
+            why = 'is not one token of its vocabulary' if slot is None else 'is its bos, eos or pad token'
+            raise UserError(f"slot_token '{slot_token}' {why} for tokenizer '{name}': give an existing special token "
+                            f"that is none of those")
+    else:
+        slot_token = next(_slot_candidates(tok, taken), None)
+        if slot_token is None:
+            raise UserError(f"tokenizer '{name}' has no special token free for the image slots (its special tokens "
+                            f"are all bos/eos/pad, and its unknown token can come from text): give one with "
+                            f"--slot_token=TOKEN (prepare_llava.py), a rare single token that captions do not use")
+        slot = single_id(tok, slot_token)
+    pair = next(((a, b) for a, b in BRACKET_PAIRS if None not in (single_id(tok, a), single_id(tok, b))
+                 and slot not in (single_id(tok, a), single_id(tok, b))), (None, None))
+    return dict(eos=eos, bos=bos, slot=slot, slot_token=slot_token,
+                vision_start=single_id(tok, pair[0]) if pair[0] else None,
+                vision_end=single_id(tok, pair[1]) if pair[1] else None)
+
+
+def control_ids(ids):
+    """The ids a caption must never contain: they steer the sequence, not describe the image."""
+    return {ids[k] for k in ('eos', 'bos', 'slot', 'vision_start', 'vision_end') if ids.get(k) is not None}
 
 # -----------------------------------------------------------------------------
 # The VLM: frozen backbones + connector
@@ -156,10 +220,12 @@ def special_ids(tok):
 
 class VLM(nn.Module):
 
-    def __init__(self, vision, llm, connector, slot_id, eos_id, image_spec, drop_cls=False, brackets=None):
+    def __init__(self, vision, llm, connector, ids, image_spec, drop_cls=False, brackets=None):
         super().__init__()
         self.vision, self.llm, self.connector = vision, llm, connector
-        self.slot_id, self.eos_id, self.image_spec, self.drop_cls = slot_id, eos_id, image_spec, drop_cls
+        self.ids = ids  # the tokenizer's token rules (special_ids)
+        self.slot_id, self.eos_id, self.bos_id = ids['slot'], ids['eos'], ids['bos']
+        self.image_spec, self.drop_cls = image_spec, drop_cls
         self.brackets = brackets  # (start_id, end_id) around each image's slots, or None
         self.grad_checkpointing = False
         self.register_buffer('pix_mean', torch.tensor(image_spec['mean']).view(1, 3, 1, 1) * 255, persistent=False)
@@ -239,8 +305,7 @@ class VLM(nn.Module):
         instead of [B, T, vocab] (vocab is 151,936 for Qwen3)."""
         h = self.hidden_states(images, input_ids, position_ids, attention_mask, connector)
         h = h.reshape(-1, h.shape[-1]).index_select(0, target_pos)
-        logits = self.llm.get_output_embeddings()(h).float()
-        return F.cross_entropy(logits, target_ids, reduction=reduction)
+        return F.cross_entropy(lm_logits(self.llm, h), target_ids, reduction=reduction)
 
     @torch.no_grad()
     def generate(self, images, prompts, max_new_tokens=64, temperature=0.0, top_p=1.0, generator=None):
@@ -283,6 +348,42 @@ class VLM(nn.Module):
         return [t[:t.index(self.eos_id)] if self.eos_id in t else t for t in toks]
 
 
+def lm_logits(llm, h):
+    """The LLM's logits for final hidden states h [..., d], in fp32: its output head plus what
+    the family does after it (Gemma 2/3 soft-cap the logits, Cohere scales them, Granite divides
+    them), which a caption-only head must repeat to compute the LLM's own loss."""
+    logits = llm.get_output_embeddings()(h).float()
+    cfg = llm.config.get_text_config() if hasattr(llm.config, 'get_text_config') else llm.config
+    scale = getattr(llm, 'logit_scale', None)
+    if isinstance(scale, (int, float)) and scale != 1:
+        logits = logits * scale
+    if getattr(cfg, 'logits_scaling', None) not in (None, 1):
+        logits = logits / cfg.logits_scaling
+    cap = getattr(cfg, 'final_logit_softcapping', None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+@torch.no_grad()
+def check_head(llm, n=6):
+    """The caption-only head (decoder + lm_logits) must give the LLM's own logits: a family
+    that post-processes its logits in a way lm_logits does not know would otherwise train on a
+    wrong loss, silently. One forward pass of a few tokens, once per build."""
+    p = next(llm.parameters())
+    if p.device.type == 'meta':
+        return
+    table = llm.get_input_embeddings()
+    emb = table(torch.arange(n, device=p.device)[None] * (table.num_embeddings // n))
+    own = llm(inputs_embeds=emb, use_cache=False).logits.float()
+    ours = lm_logits(llm, llm.get_decoder()(inputs_embeds=emb, use_cache=False).last_hidden_state)
+    tol = 1e-3 if p.dtype == torch.float32 else 5e-2
+    err = float((own - ours).abs().max() / own.abs().max().clamp(min=1e-6))
+    if not err <= tol:
+        raise UserError(f"LLM '{llm.config.model_type}': its logits are not its output head's ({err:.2g} apart); "
+                        f"model.lm_logits must learn what this family does after the head")
+
+
 def sample_next(logits, temperature, top_p, generator=None):
     """Greedy when temperature == 0, else temperature + nucleus (top_p) sampling."""
     if temperature <= 0:
@@ -293,8 +394,8 @@ def sample_next(logits, temperature, top_p, generator=None):
         keep = sp.cumsum(-1) - sp < top_p  # always keeps the most likely token
         sp = sp * keep
         probs = torch.zeros_like(probs).scatter(-1, si, sp)
-    if generator is not None and generator.device != probs.device:
-        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
+    # the generator lives on the logits' device (sample.py, evaluate): drawing there keeps the
+    # vocabulary-sized distribution off the host, one token per row per step
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 # -----------------------------------------------------------------------------
@@ -326,13 +427,17 @@ def _quiet_transformers():
         logging.set_verbosity(verbosity)
 
 
-def _from_pretrained(cls, name, what, **kw):
+def _from_pretrained(cls, name, what, device=None, **kw):
     """from_pretrained from a local dir or the cache, else the hub; one line on failure. A
     backbone must find every one of its weights in the checkpoint: a silently random part
-    of a frozen model would waste a whole run."""
+    of a frozen model would waste a whole run. Weights load straight onto `device`
+    (device_map): going through host memory first would cost every rank a full copy of the
+    LLM in RAM (8 ranks x 16 GB) and twice the load time."""
     if not os.path.isdir(name) and (name.startswith(('/', '.', '~')) or name.count('/') > 1):
         raise UserError(f"cannot load {what} '{name}': no such directory (a hub id looks like 'org/name')")
     weights = what in ('llm', 'vision')
+    if device is not None:
+        kw['device_map'] = str(torch.device(device))
 
     def load(local):
         with _quiet_transformers():
@@ -386,14 +491,25 @@ def build_llm(name, dtype=torch.float32, device='cpu', attn_implementation='sdpa
     from transformers import AutoModelForCausalLM
     kind, base = parse_backbone(name)
     if kind == 'pretrained':
-        llm = _from_pretrained(AutoModelForCausalLM, base, 'llm', dtype=dtype,
-                               attn_implementation=attn_implementation).to(device)
+        llm = _from_pretrained(AutoModelForCausalLM, base, 'llm', dtype=dtype, device=device,
+                               attn_implementation=attn_implementation)
     else:
         cfg = backbone_config(name, TINY_LLM)
         if kind == 'tiny':
             cfg.vocab_size = vocab_size or 256
         llm = _random_backbone(AutoModelForCausalLM, cfg, dtype, device, attn_implementation)
-    return llm.eval().requires_grad_(False)
+    llm.eval().requires_grad_(False)
+    check_head(llm)
+    llm.frozen_fingerprint = weights_fingerprint(llm)  # for evaluate.llm_untouched
+    return llm
+
+
+@torch.no_grad()
+def weights_fingerprint(module):
+    """{name: (sum, sum of squares)} of every weight, in float64, computed where the weights
+    live: comparing two of them tells whether any weight changed, without a second copy."""
+    return {n: (float(p.sum(dtype=torch.float64)), float(torch.linalg.vector_norm(p, dtype=torch.float64)))
+            for n, p in module.named_parameters() if p.device.type != 'meta'}
 
 
 def build_vision(name, dtype=torch.float32, device='cpu', attn_implementation='sdpa'):
@@ -405,8 +521,8 @@ def build_vision(name, dtype=torch.float32, device='cpu', attn_implementation='s
     cfg = getattr(cfg, 'vision_config', cfg)
     if kind == 'pretrained':
         cls = AutoModel._model_mapping[type(cfg)]
-        vision = _from_pretrained(cls, base, 'vision', dtype=dtype,
-                                  attn_implementation=attn_implementation).to(device)
+        vision = _from_pretrained(cls, base, 'vision', dtype=dtype, device=device,
+                                  attn_implementation=attn_implementation)
     else:
         vision = _random_backbone(AutoModel, cfg, dtype, device, attn_implementation)
     return vision.eval().requires_grad_(False)
@@ -431,11 +547,30 @@ def truncate_vision(vision, feature_layer):
     return vision
 
 
-def embedding_rms(llm):
-    w = llm.get_input_embeddings().weight
-    if w.device.type == 'meta':
+@torch.no_grad()
+def embedding_rms(llm, chunk=8192):
+    """RMS of what the LLM's input-embedding module emits over its whole vocabulary: its output,
+    not its weight, since some families scale inside the module (Gemma: x sqrt(hidden))."""
+    emb = llm.get_input_embeddings()
+    if emb.weight.device.type == 'meta':
         return 0.02
-    return float(torch.linalg.vector_norm(w, dtype=torch.float32) / math.sqrt(w.numel()))
+    total, n = 0.0, emb.num_embeddings
+    for s in range(0, n, chunk):
+        out = emb(torch.arange(s, min(s + chunk, n), device=emb.weight.device))
+        total += float(torch.linalg.vector_norm(out, dtype=torch.float32) ** 2)
+    return math.sqrt(total / (n * emb.embedding_dim))
+
+
+def check_attention(attn_implementation, device):
+    """flash_attention_2 needs the flash-attn package and a CUDA GPU: one line before loading."""
+    if attn_implementation != 'flash_attention_2':
+        return
+    import importlib.util
+    if importlib.util.find_spec('flash_attn') is None:
+        raise UserError("attn_implementation='flash_attention_2' needs the flash-attn package (pip install flash-attn "
+                        "--no-build-isolation); or use attn_implementation='sdpa'")
+    if torch.device(device).type != 'cuda':
+        raise UserError(f"attn_implementation='flash_attention_2' runs on CUDA GPUs only, not on {device}; use 'sdpa'")
 
 
 def build_vlm(args, tokenizer, device='cpu', dtype=torch.float32, connector_state=None,
@@ -444,7 +579,11 @@ def build_vlm(args, tokenizer, device='cpu', dtype=torch.float32, connector_stat
     master weights); the backbones take `dtype` (bf16 on a GPU). attn_implementation ('sdpa',
     'eager', 'flash_attention_2') is how the backbones compute attention, not part of the
     model: a checkpoint trained with one runs with another."""
-    ids = special_ids(tokenizer)
+    check_attention(attn_implementation, device)
+    ids = special_ids(tokenizer, args.get('slot_token', ''))
+    if args.get('image_brackets') and ids['vision_start'] is None:
+        raise UserError(f"image_brackets=True but tokenizer '{tokenizer.name_or_path}' has no bracket pair "
+                        f"({', '.join(' '.join(p) for p in BRACKET_PAIRS)}); set image_brackets=False")
     vision = build_vision(args['vision'], dtype, device, attn_implementation)
     spec = image_spec(args['vision'], vision.config)
     truncate_vision(vision, args['vision_feature_layer'])
@@ -466,7 +605,7 @@ def build_vlm(args, tokenizer, device='cpu', dtype=torch.float32, connector_stat
         load_connector(connector, connector_state)
     drop_cls = vision.config.model_type.startswith('clip')  # CLIP prepends a CLS token; LLaVA drops it
     brackets = (ids['vision_start'], ids['vision_end']) if args.get('image_brackets') else None
-    return VLM(vision, llm, connector, ids['slot'], ids['eos'], spec, drop_cls, brackets).to(device)
+    return VLM(vision, llm, connector, ids, spec, drop_cls, brackets).to(device)
 
 # -----------------------------------------------------------------------------
 # Checkpoints
@@ -551,51 +690,3 @@ def export_connector(ckpt_path, out_dir):
 
 def count_params(module):
     return sum(p.numel() for p in module.parameters())
-
-# -----------------------------------------------------------------------------
-# FLOPs, for MFU. Counted from the shapes actually run (matmuls only; norms and
-# activations are noise). The frozen backbones get no weight gradients, so the LLM costs
-# forward + input-gradient backward = 2x its forward, not the usual 3x; the vision tower
-# runs forward only; the connector trains, so it costs the usual 3x.
-
-
-def _decoder_matmul_params(cfg):
-    d, hd = cfg.hidden_size, getattr(cfg, 'head_dim', None) or cfg.hidden_size // cfg.num_attention_heads
-    q, kv = cfg.num_attention_heads * hd, getattr(cfg, 'num_key_value_heads', cfg.num_attention_heads) * hd
-    return d * q + 2 * d * kv + q * d + (3 if cfg.model_type != 'siglip_vision_model' and
-                                          'clip' not in cfg.model_type else 2) * d * cfg.intermediate_size
-
-
-def flops_per_batch(model, n_images, sample_lens, n_targets):
-    """sample_lens: token length of each sample (packed or not, attention is per sample)."""
-    lc, vc, ca = model.llm.config, model.vision.config, model.connector_args
-    n_tok = sum(sample_lens)
-    # LLM: forward + input-gradient backward
-    attn = 2 * lc.num_hidden_layers * lc.num_attention_heads * (getattr(lc, 'head_dim', None) or
-                                                               lc.hidden_size // lc.num_attention_heads)
-    llm_fwd = 2 * lc.num_hidden_layers * _decoder_matmul_params(lc) * n_tok \
-        + attn * sum(t * t for t in sample_lens)  # QK^T and AV, causal: half of 2*2*T^2*d each layer
-    llm_fwd += 2 * lc.hidden_size * lc.vocab_size * n_targets  # lm_head on caption positions only
-    # vision tower: forward only, the layers we kept
-    root = getattr(model.vision, 'vision_model', model.vision)
-    n_layers_v, P = len(root.encoder.layers), (vc.image_size // vc.patch_size) ** 2
-    vis = n_images * (2 * n_layers_v * _decoder_matmul_params(vc) * P + 4 * n_layers_v * vc.hidden_size * P * P
-                      + 2 * 3 * vc.patch_size ** 2 * vc.hidden_size * P)
-    # connector: forward + full backward
-    N, w, Dv = ca['n_latents'], ca['width'], ca['vision_dim']
-    blk = 2 * N * (w * w * 2 + 2 * ca['mlp_ratio'] * w * w) + 2 * (P + N) * 2 * w * w + 4 * N * (P + N) * w
-    proj = 2 * N * (w * ca['proj_hidden'] + ca['proj_hidden'] * ca['llm_dim'])
-    con = n_images * (2 * P * Dv * w + ca['depth'] * blk + proj)
-    return 2 * llm_fwd + vis + 3 * con
-
-
-# bf16 dense peak FLOP/s by device name; an unknown device gets no MFU rather than a wrong one
-PEAK_BF16 = [('H200', 989e12), ('H100 NVL', 835e12), ('H100 PCIe', 756e12), ('H100', 989e12), ('GH200', 989e12),
-             ('B200', 2250e12), ('A100', 312e12), ('L40S', 362e12), ('A10G', 70e12), ('RTX 4090', 165e12)]
-
-
-def peak_flops(device):
-    if device.type != 'cuda':
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((p for key, p in PEAK_BF16 if key in name), None)

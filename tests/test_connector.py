@@ -66,12 +66,14 @@ def block_by_hand(b, x, ctx, latents_in_kv=True, context_norm=True, residuals=Tr
 
 @pytest.mark.parametrize('width,heads,n_lat,n_ctx', [(32, 4, 5, 9), (24, 1, 3, 1), (48, 6, 16, 30)])
 def test_resampler_block_equals_the_hand_computation(width, heads, n_lat, n_ctx):
-    b = randomise(ResamplerBlock(width, heads, mlp_ratio=2))
+    # float64: the two orders of summation then agree to ~1e-12, so a tight tolerance cannot
+    # fail by rounding yet any real difference shows
+    b = randomise(ResamplerBlock(width, heads, mlp_ratio=2)).double()
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, n_lat, width, generator=g) * 2 + 0.5  # scale and offset: a missing norm shows
-    ctx = torch.randn(2, n_ctx, width, generator=g) * 3 - 1
+    x = torch.randn(2, n_lat, width, generator=g, dtype=torch.float64) * 2 + 0.5  # a missing norm shows
+    ctx = torch.randn(2, n_ctx, width, generator=g, dtype=torch.float64) * 3 - 1
     with torch.no_grad():
-        torch.testing.assert_close(b(x, ctx), block_by_hand(b, x, ctx), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(b(x, ctx), block_by_hand(b, x, ctx), atol=1e-9, rtol=1e-9)
 
 
 def test_hand_computation_tells_the_known_mistakes_apart():
@@ -130,10 +132,10 @@ def connector_by_hand(c, feats):
 @pytest.mark.parametrize('vision_ln,out_rms', [(True, 0.7), (False, None)])
 def test_connector_equals_the_hand_computation(vision_ln, out_rms):
     c = randomise(Connector(vision_dim=20, llm_dim=16, n_latents=6, width=32, depth=2, n_heads=4, mlp_ratio=2,
-                            proj_hidden=24, vision_ln=vision_ln, out_rms=out_rms)).eval()
-    feats = torch.randn(3, 10, 20, generator=torch.Generator().manual_seed(5)) * 3 + 1
-    with torch.no_grad():
-        torch.testing.assert_close(c(feats), connector_by_hand(c, feats), atol=1e-5, rtol=1e-5)
+                            proj_hidden=24, vision_ln=vision_ln, out_rms=out_rms)).eval().double()
+    feats = torch.randn(3, 10, 20, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 3 + 1
+    with torch.no_grad():  # float64, as above: rounding cannot fail the test on another CPU
+        torch.testing.assert_close(c(feats), connector_by_hand(c, feats), atol=1e-9, rtol=1e-9)
 
 
 def test_fresh_latents_give_distinct_visual_tokens():

@@ -68,7 +68,7 @@ class Listed:
 def test_val_losses_by_hand(bracketed):
     """loss: caption-token mean over all samples (not a mean of per-sample means); shuffled:
     each caption with the previous sample's image in its batch (a batch of one has no other
-    image: left out); no image: the LLM alone, on the single-image samples."""
+    image: left out); no image: the LLM alone, on every sample (the two-image one too)."""
     vlm, tok, ds, _ = bracketed
     n, bs = 9, 4  # batches of 4, 4, 1
     samples = [ds[i] for i in range(n)]
@@ -92,9 +92,36 @@ def test_val_losses_by_hand(bracketed):
     tot, cnt = loss_sum(vlm, shuffled)
     assert got['loss_shuffled_images'] == pytest.approx(tot / cnt, rel=1e-5)
     assert got['loss_shuffled_images'] != pytest.approx(got['loss'], rel=1e-4)
-    sums = [text_only_loss_sum(vlm, s) for s in samples if len(s['images']) == 1]
+    sums = [text_only_loss_sum(vlm, s) for s in samples]
     assert got['loss_no_image'] == pytest.approx(sum(t for t, _ in sums) / sum(c for _, c in sums), rel=1e-5)
     assert got['skipped_samples'] == 0
+
+
+@pytest.mark.parametrize('packing', [False, True])
+def test_without_images_equals_samples_built_without_slots(bracketed, packing):
+    """The no-image control works on collated batches (training's val loaders give those):
+    removing the slots from a padded or packed batch gives the loss of the same samples built
+    with no slots, samples apart and positions restarting in packed rows."""
+    vlm, tok, ds, _ = bracketed
+    samples = [ds[i] for i in range(5)]
+    ids, labels = ds.builder.build([ds.caption(3), ds.caption(4)])  # a Template B row among them
+    samples[3] = dict(samples[3], input_ids=ids, labels=labels, images=samples[3]['images'] + samples[4]['images'])
+    drop = [vlm.slot_id, *vlm.brackets]
+    stripped = [dict(s, images=[], input_ids=[t for t in s['input_ids'] if t not in drop],
+                     labels=[l for t, l in zip(s['input_ids'], s['labels']) if t not in drop]) for s in samples]
+
+    def loss(b):
+        images, input_ids, target_pos, target_ids, position_ids = data.to_device(b, 'cpu')
+        with torch.no_grad():
+            return vlm(images, input_ids, target_pos, target_ids, position_ids=position_ids, reduction='sum').item()
+    batch = data.collate(samples, packing=packing, max_seq_len=400, pad_id=vlm.eos_id)
+    got = evaluate.without_images(batch, drop, vlm.eos_id)
+    want = data.collate(stripped, pad_id=vlm.eos_id)  # padded, one sample per row
+    assert got['n_targets'] == want['n_targets'] and got['images'].shape[0] == 0
+    assert loss(got) == pytest.approx(loss(want), rel=1e-5)
+    if packing:
+        assert got['input_ids'].shape[0] < len(samples)  # the packed rows stayed packed
+        assert (got['position_ids'] == 0).sum() == len(samples)  # one restart per sample
 
 
 def test_each_caption_is_one_line(bracketed, monkeypatch):

@@ -105,7 +105,7 @@ def test_image_reader_returns_the_original_bytes(three_sources, kind):
 
 def _read_in_a_forked_child(reader, i, queue):
     data_ = reader.read(i)
-    queue.put((data_, reader._zip.fp.fileno()))
+    queue.put((data_, reader._file.fileno()))
 
 
 def test_a_forked_worker_opens_its_own_zip_handle(three_sources):
@@ -124,7 +124,7 @@ def test_a_forked_worker_opens_its_own_zip_handle(three_sources):
     got, child_fd = q.get(timeout=60)
     child.join(60)
     assert got == files[reader.name(1)]
-    assert child_fd != reader._zip.fp.fileno()  # its own open file, not the inherited one
+    assert child_fd != reader._file.fileno()  # its own open file, not the inherited one
 
 
 def test_packed_by_default_keeps_the_original_bytes(three_sources):

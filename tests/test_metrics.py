@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from metrics import (OBJECT_WORDS, bleu4, cider_d, hallucination_rate, length_stats, qa_scores, score_rows,
-                     tokenize_caption)
+from metrics import (OBJECT_WORDS, bleu4, bleu_scores, cider_d, hallucination_rate, length_stats, qa_scores,
+                     rouge_l, score_rows, tokenize_caption)
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository
 
@@ -127,12 +127,15 @@ def test_bleu_one_image_corpus_uses_closest_length():
     assert per == [pytest.approx(math.exp(-0.25), abs=1e-12)]
 
 def test_empty_corpus():
-    assert bleu4([], []) == (0.0, [])
+    # an empty set is 'not measured' (None), never a number that reads as a result
+    assert bleu4([], []) == (None, [])
     assert bleu4([''], [['a cat']]) == (0.0, [0.0])  # BP exp(1 - (2 + S) / T) underflows to 0
-    assert cider_d([], []) == (0.0, [])
+    assert cider_d([], []) == (None, [])
     summary, per = hallucination_rate([], [])
-    assert per == [] and summary['chair_i'] == summary['chair_s'] == 0.0 and summary['captions'] == 0
-    assert qa_scores([], [])['accuracy'] == 0.0 and qa_scores([], [])['n'] == 0
+    assert per == [] and summary['chair_i'] is None and summary['chair_s'] is None and summary['captions'] == 0
+    summary, _ = hallucination_rate(['a red shape.'], [['a blue shape.']])  # no object named anywhere
+    assert summary['chair_i'] is None and summary['chair_s'] == 0.0
+    assert qa_scores([], [])['accuracy'] is None and qa_scores([], [])['n'] == 0
     assert length_stats([], [])['generated']['n'] == 0
     assert score_rows([]) == {}
 
@@ -401,6 +404,27 @@ def test_score_rows_attaches_per_row_scores_and_returns_summaries():
     assert m['n_qa'] == 4 and m['qa_accuracy'] == 0.75 and m['qa_exact'] == 0.5 and m['qa_contains_lenient'] == 1.0
     assert m['qa_by_kind'] == {'color': 0.5, 'count': 1.0, 'what': 1.0}
     assert 'qa_by_kind' not in score_rows([{'generation': 'red', 'answers': ['red']}])
+
+def test_bleu_1_to_4_share_one_brevity_penalty():
+    b = bleu_scores(CANDS, REFS)
+    assert b[3] == pytest.approx(COCO_BLEU4, abs=1e-12) and b[0] > b[1] > b[2] > b[3]
+    # "a b c" against "a b c d": every n-gram matches, one brevity penalty exp(1 - 4/3) for all orders
+    got = bleu_scores(['a b c'], [['a b c d']], tokenize=str.split)
+    assert got[:3] == pytest.approx([math.exp(1 - 4 / 3)] * 3, rel=1e-8)
+
+def test_rouge_l_by_hand():
+    # LCS 3 of "a b c" in "a b c d e f": P 1, R 1/2 -> 2.44 * 0.5 / (0.5 + 1.44)
+    mean, per = rouge_l(['a b c', 'x'], [['a b c d e f'], ['y']], tokenize=str.split)
+    assert per == pytest.approx([2.44 * 0.5 / 1.94, 0.0]) and mean == pytest.approx(per[0] / 2)
+    # precision and recall are each the best over the references, as the toolkit takes them: "a b"
+    # has precision 1 against "a b c d" and recall 1 against "a", so F is 1 though no reference alone gives it
+    assert rouge_l(['a b'], [['a b c d', 'a']], tokenize=str.split)[1][0] == pytest.approx(1.0)
+
+def test_hallucination_against_given_ground_truth():
+    summary, per = hallucination_rate(['a dog and a cat on a bench'], [['a photo']], truths=[{'dog'}])
+    assert per == [['bench', 'cat']] and summary['objects_mentioned'] == 3 and summary['objects_hallucinated'] == 2
+    summary, per = hallucination_rate(['a puppy'], [['x']], objects=lambda text: ['dog'] if 'pup' in text else [])
+    assert per == [['dog']]
 
 def test_imports_without_torch_numpy_transformers():
     code = "import metrics, sys; assert not any(m in sys.modules for m in ('torch', 'numpy', 'transformers'))"

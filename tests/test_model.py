@@ -6,8 +6,10 @@ meta device, and loading real weights from local directories.
 
 $ python -m pytest -q tests/test_model.py
 """
+import contextlib
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 
 import data
 import evaluate
+import flops
 import model as M
 from common import UserError
 from conftest import ASSETS, N_LAT, TINY_ARGS, build_tiny, rand_images, tiny_builder
@@ -169,20 +172,27 @@ def test_caption_only_loss_equals_full_logits_loss(tiny, dataset):
     assert abs(loss.item() - masked.item()) < 1e-5, (loss.item(), masked.item())
 
 
-def test_bf16_loss_is_computed_in_fp32(dataset):
-    """With bf16 backbones the caption-only logits are cast up before the cross-entropy: a
-    log-softmax over the vocabulary in bf16 is off by ~1e-3 relative, which shows in loss
-    curves and in the val loss that picks ckpt_best."""
+@pytest.mark.parametrize('autocast', [True, False])
+def test_bf16_loss_is_computed_in_fp32(dataset, autocast):
+    """With bf16 backbones the caption-only logits are cast up before the cross-entropy, with
+    or without autocast (which would cast a bf16 cross-entropy up by itself): a log-softmax
+    over the vocabulary in bf16 is off by ~1e-3 relative, which shows in loss curves and in
+    the val loss that picks ckpt_best."""
     tok = M.load_tokenizer(TINY_ARGS['tokenizer'])
     vlm = M.build_vlm(TINY_ARGS, tok, 'cpu', torch.bfloat16).eval()
     batch = data.collate([dataset[i] for i in range(8)], pad_id=vlm.eos_id)
-    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+    ctx = torch.autocast('cpu', dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with torch.no_grad(), ctx:
         loss = vlm(batch['images'], batch['input_ids'], batch['target_pos'], batch['target_ids'], reduction='sum')
         h = vlm.hidden_states(batch['images'], batch['input_ids'])
         h = h.reshape(-1, h.shape[-1]).index_select(0, batch['target_pos'])
         logits = vlm.llm.get_output_embeddings()(h)
+    assert logits.dtype == torch.bfloat16
     want = F.cross_entropy(logits.float(), batch['target_ids'], reduction='sum')
+    in_bf16 = F.cross_entropy(logits, batch['target_ids'], reduction='sum')
     assert loss.dtype == torch.float32 and loss.item() == pytest.approx(want.item(), rel=1e-6)
+    if not autocast:  # the tolerance above is one that bf16 logits break
+        assert in_bf16.item() != pytest.approx(want.item(), rel=1e-6)
 
 
 def test_packed_loss_equals_unpacked(tiny, dataset):
@@ -204,6 +214,30 @@ def test_packed_loss_equals_unpacked(tiny, dataset):
     pu = per_token_losses(vlm, unpacked).sort().values
     pp = per_token_losses(vlm, packed).sort().values
     torch.testing.assert_close(pp, pu, atol=1e-4, rtol=0)
+
+
+def test_flash_attention_layout_is_one_packed_row(tiny, dataset):
+    """Under flash-attention, transformers treats a batch as packed (attention restarting
+    where position_ids restart) only when it has one row, so train.py packs each micro-batch
+    into one row (max_seq_len=None). That layout, run here with SDPA (which masks by the same
+    position_ids), gives the unpacked loss, token by token; and its position_ids give flash
+    the cumulative lengths of exactly the samples."""
+    vlm, _ = tiny
+    samples = [dataset[i] for i in range(7)] + [dataset[(7, 8)]]
+    unpacked = data.collate(samples, pad_id=vlm.eos_id)
+    one = data.collate(samples, packing=True, max_seq_len=None, pad_id=vlm.eos_id)
+    lengths = [len(s['input_ids']) for s in samples]
+    assert one['input_ids'].shape == (1, sum(lengths))
+    pos = one['position_ids'][0]
+    starts = (pos == 0).nonzero().flatten().tolist()
+    assert starts == [0, *np.cumsum(lengths)[:-1].tolist()]  # what flash's cu_seqlens are built from
+    with torch.no_grad():
+        lu = vlm(unpacked['images'], unpacked['input_ids'], unpacked['target_pos'], unpacked['target_ids'])
+        lp = vlm(one['images'], one['input_ids'], one['target_pos'], one['target_ids'],
+                 position_ids=one['position_ids'])
+    assert lp.item() == pytest.approx(lu.item(), abs=1e-5)
+    torch.testing.assert_close(per_token_losses(vlm, one).sort().values, per_token_losses(vlm, unpacked).sort().values,
+                               atol=1e-4, rtol=0)
 
 
 def test_packed_samples_do_not_see_each_other(tiny, dataset):
@@ -432,11 +466,20 @@ def test_flops_per_batch_counts_what_runs():
     emb = torch.randn(1, 16, d, requires_grad=True)  # short: attention is a few % of it
     with FlopCounterMode(display=False) as fc:
         vlm.llm.get_decoder()(inputs_embeds=emb, use_cache=False).last_hidden_state.sum().backward()
-    assert M.flops_per_batch(vlm, 0, [16], 0) == pytest.approx(fc.get_total_flops(), rel=0.05)
+    assert flops.flops_per_batch(vlm, 0, [16], 0) == pytest.approx(fc.get_total_flops(), rel=0.05)
     with FlopCounterMode(display=False) as fc:
         vlm.connector(vlm.encode_images(torch.from_numpy(rand_images(2, 48)))).sum().backward()
-    assert M.flops_per_batch(vlm, 2, [], 0) == pytest.approx(fc.get_total_flops(), rel=0.1)
-    assert M.flops_per_batch(vlm, 0, [16], 5) - M.flops_per_batch(vlm, 0, [16], 4) == 2 * 2 * d * V
+    assert flops.flops_per_batch(vlm, 2, [], 0) == pytest.approx(fc.get_total_flops(), rel=0.1)
+    assert flops.flops_per_batch(vlm, 0, [16], 5) - flops.flops_per_batch(vlm, 0, [16], 4) == 2 * 2 * d * V
+
+
+def test_device_peaks_match_the_longest_name():
+    """A card's bf16 peak comes from the most specific table key: an H200 NVL is not an H200
+    SXM, an H100 PCIe not an SXM; an unknown card has no peak (no MFU), never a guess."""
+    want = {'NVIDIA H200 NVL': 835e12, 'NVIDIA H200': 989e12, 'NVIDIA H100 80GB HBM3': 989e12,
+            'NVIDIA H100 PCIe': 756e12, 'NVIDIA H100 NVL': 835e12, 'NVIDIA GH200 480GB': 989e12,
+            'NVIDIA A100-SXM4-80GB': 312e12, 'Tesla T4': None}
+    assert {name: flops.peak_for_name(name) for name in want} == want
 
 
 def test_qwen_tokenizer_prompt():
@@ -445,7 +488,8 @@ def test_qwen_tokenizer_prompt():
         pytest.skip('../shared/assets/Qwen3-8B-Base not present')
     tok = M.load_tokenizer(str(d))
     sp = M.special_ids(tok)
-    assert sp == dict(eos=151643, slot=151655, vision_start=151652, vision_end=151653)
+    assert sp == dict(eos=151643, bos=None, slot=151655, slot_token='<|image_pad|>', vision_start=151652,
+                      vision_end=151653)
     b = data.SampleBuilder(tok, 64, sp['slot'], sp['eos'], (sp['vision_start'], sp['vision_end']), 1536)
     assert b.prompt_a[:66] == [sp['vision_start']] + [sp['slot']] * 64 + [sp['vision_end']]
     assert tok.decode(b.prompt_a[66:]) == '\nDescribe the image in one sentence.\n'
@@ -492,12 +536,15 @@ def test_backbones_load_from_local_dirs(tmp_path, tiny):
 
 def test_llm_check_fails_when_llm_is_perturbed():
     vlm, tok = build_tiny()
-    diff, ok = evaluate.llm_untouched(vlm, tok, TINY_ARGS, ['a red circle at the top left.'])
-    assert ok and diff == 0.0
+    got = evaluate.llm_untouched(vlm, tok, ['a red circle at the top left.'])
+    assert got['ok'] and got['max_abs_logit_diff'] == 0.0 and got['n_changed_weights'] == 0
     with torch.no_grad():
-        vlm.llm.get_decoder().layers[0].mlp.down_proj.weight.mul_(1.01)
-    diff, ok = evaluate.llm_untouched(vlm, tok, TINY_ARGS, ['a red circle at the top left.'])
-    assert not ok and diff > 1e-4
+        vlm.llm.get_decoder().layers[0].mlp.down_proj.weight[3, 5] += 1e-3  # one weight
+    got = evaluate.llm_untouched(vlm, tok, ['a red circle at the top left.'])
+    assert not got['ok'] and got['changed_weights'] == ['model.layers.0.mlp.down_proj.weight']
+    # the embedding path is checked too: a splice that altered text tokens would show in the logits
+    vlm.embed = lambda images, ids, connector=None: vlm.llm.get_input_embeddings()(ids) * 1.01
+    assert evaluate.llm_untouched(vlm, tok, ['a red circle.'])['max_abs_logit_diff'] > 1e-4
 
 
 def test_a_backbone_checkpoint_missing_weights_is_one_line(tmp_path, tiny):

@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import data
 import prepare_llava as P
 from common import UserError
 from conftest import ASSETS, ROOT, load_prepared, prepared_samples
 from model import tiny_tokenizer
 
-META_KEYS = {'version', 'source', 'tokenizer', 'vocab_size', 'eos_id', 'slot_id', 'image_root', 'image_root_abs',
+META_KEYS = {'version', 'source', 'tokenizer', 'vocab_size', 'eos_id', 'slot_id', 'bos_id', 'slot_token', 'image_root', 'image_root_abs',
              'image_kind', 'shards', 'packed_size', 'n_images', 'splits', 'golden', 'filters', 'counts', 'min_tokens',
              'max_tokens', 'max_dups', 'seed', 'val_ratio', 'qa_file'}
 
@@ -215,6 +216,30 @@ def test_folder_and_zip_give_identical_outputs(messy, tmp_path):
         assert m1[key] == m2[key]
 
 
+@pytest.mark.parametrize('compression', [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+def test_zip_members_are_read_by_their_prepared_offsets(messy, tmp_path, compression):
+    """Training reads zip members by offsets found at prepare time (zip_locs.npy), not by
+    parsing the zip's whole central directory in every loader worker: the same bytes as
+    zipfile, stored or deflated, with a Zip64-sized comment and extra fields in the way."""
+    from images import ImageReader
+    z = tmp_path / 'images.zip'
+    with zipfile.ZipFile(messy / 'images.zip') as src, zipfile.ZipFile(z, 'w', compression=compression) as dst:
+        dst.comment = b'x' * 1000
+        for name in src.namelist():
+            info = zipfile.ZipInfo(name, date_time=(2024, 1, 1, 0, 0, 0))
+            info.extra = b'\xfe\xca\x04\x00abcd'  # an extra field of the local header
+            info.compress_type = compression
+            dst.writestr(info, src.read(name))
+    prepare_main('--json', messy / P.LLAVA_JSON, '--images', z, '--out_dir', tmp_path / 'o', '--tokenizer=tiny')
+    prepared = data.open_prepared(str(tmp_path / 'o'))
+    assert (tmp_path / 'o' / 'zip_locs.npy').exists()
+    reader = ImageReader(prepared['dir'], prepared['meta'], prepared['image_paths'], prepared['root'])
+    with zipfile.ZipFile(z) as zf:
+        for i in range(prepared['meta']['n_images']):
+            assert reader.read(i) == zf.read(reader.name(i))
+    assert not hasattr(reader, '_zip')  # no ZipFile, no central directory in memory
+
+
 def test_zip_with_top_folder(messy, tmp_path):
     """images.zip whose members sit under images/ (as some re-zips do): found, and the
     stored path is the member name."""
@@ -402,6 +427,17 @@ def test_split_deterministic_and_stratified():
     assert len(g) == 32 and g == sorted(set(g)) and 0 <= g[0] and g[-1] < len(a)
     assert lengths[a][g].min() == lengths[a].min() and lengths[a][g].max() == lengths[a].max()
     assert P.golden(np.array([3, 1, 2])) == [0, 1, 2]
+
+def test_golden_spans_the_lengths_evenly():
+    """The golden set is stratified over caption length: with distinct lengths, it holds the
+    shortest and the longest val caption and every (n-1)/31-th one between, by length rank."""
+    for n in (33, 64, 200, 1001):
+        lengths = np.random.default_rng(n).permutation(n) + 5
+        g = P.golden(lengths)
+        rank = np.argsort(np.argsort(lengths))  # rank of each sample by length
+        assert sorted(rank[g].tolist()) == np.linspace(0, n - 1, 32).round().astype(int).tolist()
+        assert int(np.argmin(lengths)) in g and int(np.argmax(lengths)) in g
+
 
 # -----------------------------------------------------------------------------
 # errors and the command line

@@ -214,7 +214,7 @@ def test_report_shows_baseline_side_by_side_and_the_loss_curve(sample_scripts):
     row = next(ln for ln in md.splitlines() if ln.startswith('| val.loss |'))
     trained, untrained = (float(x) for x in row.strip('|').split('|')[1:3])
     assert untrained > trained + 1.0  # the two columns really are two connectors
-    assert '![train and val loss against step](loss.png)' in md
+    assert '![train and val loss against step, val also with shuffled images and with no image](loss.png)' in md
     with Image.open(tmp / 'damaged' / 'loss.png') as im:
         assert im.size[0] >= 400 and len(np.unique(np.asarray(im.convert('RGB')).reshape(-1, 3), axis=0)) > 10
 
@@ -246,7 +246,7 @@ def test_golden_samples_beyond_num_are_captioned_too(sample_scripts, synthetic):
 
 def test_sampling_is_reproducible_from_the_seed(demo_run, synthetic, capsys):
     """Sampled captions (temperature > 0) are a function of --seed: the same seed gives the
-    same captions, another seed others."""
+    same captions, another seed others, and --num_samples gives different samples."""
     img = str(sorted(image_folder(synthetic).rglob('*.jpg'))[0])
 
     def captions(seed):
@@ -255,6 +255,7 @@ def test_sampling_is_reproducible_from_the_seed(demo_run, synthetic, capsys):
         return capsys.readouterr().out
     first = captions(3)
     assert len(first.splitlines()) == 3 and captions(3) == first
+    assert len(set(first.splitlines())) > 1  # the samples of one run are three draws, not one draw three times
     assert captions(4) != first
 
 

@@ -159,6 +159,58 @@ def short_run(synthetic, tmp_path_factory):
     return out, again, best_before
 
 
+@pytest.fixture(scope='module')
+def eval_runs(synthetic, tmp_path_factory):
+    """Side by side: a dataset with no val split (--val_ratio=0) alone and in a mixture, and
+    the eval at step 0 with the connector's dropout on and off. {name: (result, out_dir)}."""
+    tmp = tmp_path_factory.mktemp('evals')
+    import prepare_llava as P
+    P.main(['--synthetic=60', f'--data_dir={tmp / "noval"}', '--val_ratio=0', '--llm=none', '--workers=1'])
+    noval = tmp / 'noval' / 'prepared'
+    run = ['--max_iters=4', '--eval_interval=2', '--log_interval=1', '--eval_iters=2', '--sample_interval=0',
+           '--batch_size=8']
+    jobs = {'alone': train_args(noval, tmp / 'alone', *run, '--eval_report_num=8', '--eval_max_new_tokens=4'),
+            'mixture': train_args(f'{synthetic}:1.0,{noval}:1.0', tmp / 'mixture', *run, '--eval_report_num=0'),
+            'dropout': train_args(synthetic, tmp / 'dropout', '--max_iters=0', '--proj_dropout=0.5', '--eval_iters=3',
+                                  '--eval_report_num=0'),
+            'no_dropout': train_args(synthetic, tmp / 'no_dropout', '--max_iters=0', '--proj_dropout=0.0',
+                                     '--eval_iters=3', '--eval_report_num=0')}
+    return {k: (p, tmp / k) for k, p in run_forked(jobs, tmp).items()}
+
+
+def test_no_val_split_means_no_val_loss(eval_runs):
+    """A dataset prepared without a val split: said once, no val record (never a loss of 0),
+    no ckpt_best.pt, but ckpt.pt at every eval and a report whose val metrics are 'not measured'."""
+    p, out = eval_runs['alone']
+    assert_ok(p)
+    assert p.stdout.count('no val split') == 1 and 'val loss 0.0000' not in p.stdout
+    assert not [r for r in read_log(out) if 'val_loss' in r]
+    assert (out / 'ckpt.pt').exists() and not (out / 'ckpt_best.pt').exists()
+    assert torch.load(out / 'ckpt.pt', weights_only=True)['iter_num'] == 4
+    m = json.loads((out / 'report' / 'metrics.json').read_text())
+    assert m['val']['loss'] is None and 'cider_d' not in m['val']
+    assert 'not measured' in (out / 'report' / 'report.md').read_text()
+
+
+def test_a_mixture_source_without_val_has_no_val_loss(eval_runs, synthetic):
+    p, out = eval_runs['mixture']
+    assert_ok(p)
+    evals = [r for r in read_log(out) if 'val_loss' in r]
+    assert [r['iter'] for r in evals] == [0, 2, 4]
+    assert all(list(r['val_loss_by_source']) == [data.source_name(str(synthetic))] for r in evals)
+    assert p.stdout.count('no val split in noval') == 1
+
+
+def test_the_val_loss_is_measured_without_dropout(eval_runs):
+    """The connector is in eval mode while the val loss is measured: with proj_dropout=0.5 the
+    step-0 val loss and its controls equal those of the same connector without dropout."""
+    (p, out), (q, ref) = eval_runs['dropout'], eval_runs['no_dropout']
+    assert_ok(p), assert_ok(q)
+    a, b = (next(r for r in read_log(o) if 'val_loss' in r) for o in (out, ref))
+    for key in ('val_loss', 'val_loss_shuffled', 'val_loss_no_image'):
+        assert a[key] == b[key], (key, a, b)
+
+
 def test_epochs_count_optimizer_steps(short_run):
     log = [r for r in read_log(short_run[0]) if 'loss' in r]
     assert [r['iter'] for r in log] == [1, 2, 3, 4, 5]
@@ -234,6 +286,9 @@ BAD_SETTINGS = {  # name: (overrides, what the line must name)
     'max_iters=-5': (['--max_iters=-5'], 'max_iters'),
     "data_dir='a:0'": (['--data_dir=a:0'], "data_dir: the weight of 'a'"),
     'config file raises at line 2': ([], 'raises.py:2:'),
+    # without the flash-attn package (CI, a CPU) or without a GPU: one line, before any loading
+    'attn_implementation=flash_attention_2': (['--attn_implementation=flash_attention_2'], 'flash'),
+    'slot_token=<|endoftext|>': (['--slot_token=<|endoftext|>'], 'slot_token'),
 }
 
 
@@ -249,7 +304,7 @@ children = {}
 for name, (argv, log) in json.loads(sys.argv[1]).items():
     pid = os.fork()
     if pid == 0:
-        signal.alarm(60)
+        signal.alarm(int(sys.argv[2]))
         os.dup2(os.open(log + '.out', os.O_WRONLY | os.O_CREAT), 1)
         os.dup2(os.open(log + '.err', os.O_WRONLY | os.O_CREAT), 2)
         sys.argv, code = argv, 0
@@ -271,10 +326,11 @@ print(json.dumps({children[pid]: os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]
 """
 
 
-def run_forked(jobs, tmp):
-    """{name: train.py argv} run side by side as forks of one interpreter: {name: CompletedProcess}."""
+def run_forked(jobs, tmp, alarm=60):
+    """{name: train.py argv} run side by side as forks of one interpreter: {name: CompletedProcess}.
+    A job still running after `alarm` seconds is stopped (SIGALRM)."""
     spec = {k: ([str(a) for a in argv], str(tmp / f'job{i}')) for i, (k, argv) in enumerate(jobs.items())}
-    p = run_script(['-c', FORKED, json.dumps(spec)], timeout=240)
+    p = run_script(['-c', FORKED, json.dumps(spec), str(alarm)], timeout=max(240, 2 * alarm))
     assert_ok(p)
     assert not p.stderr, p.stderr[-2000:]  # the imports alone print nothing (a real run would show it)
     codes = json.loads(p.stdout.splitlines()[-1])
