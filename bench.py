@@ -492,10 +492,12 @@ if __name__ == '__main__':
                                      'scoring', 'synthbench', 'zipmem', 'align'])
     ap.add_argument('--tiny', action='store_true', help='gpu: tiny backbones on the CPU (the test-suite run)')
     ap.add_argument('--out_dir', default='bench_out', help='gpu: where the JSON and the e2e run go')
-    ap.add_argument('--budget', type=float, default=420, help='gpu: seconds for the whole check (it skips what '
+    ap.add_argument('--budget', type=float, default=540, help='gpu: seconds for the whole check (it skips what '
                                                               'does not fit and says so)')
     ap.add_argument('--part', default=None, choices=['compile'], help='gpu: run one part only (the check runs '
                                                                       'torch.compile this way, in a child process)')
+    ap.add_argument('--parts', default='all', help='gpu: a comma list of sweep,worst,packed,grad_ckpt,profile,e2e,'
+                                                   'compile to rerun some parts only (at --batch_size without the sweep)')
     ap.add_argument('--n_latents', type=int, default=64)
     ap.add_argument('--caption_tokens', type=int, default=15)
     ap.add_argument('--variant', default=None)

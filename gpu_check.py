@@ -1,7 +1,7 @@
 """
 The one-shot GPU check: one command, one short run on a card, everything a CPU cannot show.
 
-$ python bench.py gpu [--budget 420]      # on one GPU, full-size random backbones, no download
+$ python bench.py gpu [--budget 540]      # on one GPU, full-size random backbones, no download
 $ python bench.py gpu --tiny              # the same code on the CPU with the tiny backbones (the tests)
 
 A GPU is lent for minutes, once, so the check must leave numbers whatever happens: every part
@@ -16,13 +16,14 @@ In order:
 5) a profile of steady-state steps (self time per op: nested ops are not counted twice);
 6) 30 real steps of train.py (eval, golden samples, a checkpoint, a resume, the report), after
    freeing this process's models, at the safe batch;
-7) torch.compile in a child process with a time limit (compiling a 36-layer decoder can take
-   minutes), with a profile that says which attention kernel the compiled graph runs.
+7) torch.compile, block by block (VLM.compile_blocks), in a child process with a time limit,
+   with a profile that says which attention kernel the compiled run takes.
 """
 import gc
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -31,16 +32,20 @@ from common import UserError, atomic_write_text
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # each part's share of the budget, in order; time a part does not use goes to the later ones
-SHARES = [('sweep', 0.18), ('worst', 0.10), ('packed', 0.05), ('grad_ckpt', 0.05), ('profile', 0.05),
-          ('e2e', 0.30), ('compile', 0.27)]
+# (measured on an H200 with the full-size backbones: sweep 60 s, worst 60 s, packed, checkpointing
+# and profile ~15 s each, e2e 160 s, compile 120 s: about 8 minutes with the build)
+SHARES = [('sweep', 0.12), ('worst', 0.12), ('packed', 0.04), ('grad_ckpt', 0.04), ('profile', 0.05),
+          ('e2e', 0.33), ('compile', 0.30)]
+PARTS = tuple(n for n, _ in SHARES)
 SAFE_FRACTION = 0.92  # a batch is safe when the worst case peaks under this much of the card's memory
 
 
 class Check:
     """The check's record and clock. save() rewrites gpu_check.json atomically."""
 
-    def __init__(self, out_dir, budget, **head):
+    def __init__(self, out_dir, budget, parts=PARTS, **head):
         self.path, self.t0, self.budget = os.path.join(out_dir, 'gpu_check.json'), time.time(), budget
+        self.shares = [(n, f) for n, f in SHARES if n in parts]
         os.makedirs(out_dir, exist_ok=True)
         self.out = dict(head, status='running', results=[], worst_case=[], notes=[], profile=[], e2e=None)
         self.save()
@@ -50,9 +55,9 @@ class Check:
 
     def deadline(self, part):
         """When `part` must stop: its share, plus what the parts before it left unused."""
-        names = [n for n, _ in SHARES]
-        later = sum(f for n, f in SHARES[names.index(part) + 1:])
-        return time.time() + self.left() * (1 - later / sum(f for n, f in SHARES[names.index(part):]))
+        names = [n for n, _ in self.shares]
+        later = sum(f for n, f in self.shares[names.index(part) + 1:])
+        return time.time() + self.left() * (1 - later / sum(f for n, f in self.shares[names.index(part):]))
 
     def note(self, msg):
         self.out['notes'].append(msg)
@@ -62,6 +67,18 @@ class Check:
     def save(self):
         self.out['seconds'] = time.time() - self.t0
         atomic_write_text(self.path, json.dumps(self.out, indent=2, default=str))
+
+
+def loader_workers(tiny):
+    """8 loader workers, as a real run has; none where /dev/shm is too small to pass their
+    batches (a container's default is 64 MB: the workers would die with a bus error)."""
+    if tiny:
+        return 0
+    try:
+        free = shutil.disk_usage('/dev/shm').free
+    except OSError:
+        free = 0
+    return 8 if free > 2 * 2**30 else 0
 
 
 class StretchedCaptions:
@@ -110,7 +127,7 @@ def _loader(ctx, bs, packing, worst):
     ds = ctx['worst_ds'] if worst else ctx['ds']
     # worst: every item mixes two samples (Template B, two images), captions at the longest
     order = data.BatchOrder([ds], [1.0], bs, 0, multi_image_frac=1.0 if worst else 0.0)
-    return iter(data.make_loader(data.Mixture([ds]), order, packing, ds.builder.max_seq_len, 0 if ctx['tiny'] else 8,
+    return iter(data.make_loader(data.Mixture([ds]), order, packing, ds.builder.max_seq_len, ctx['workers'],
                                  ctx['eos'], ctx['device'].type == 'cuda'))
 
 
@@ -159,35 +176,42 @@ def attempt(check, ctx, key, name, bs, **kw):
 
 def top_ops(prof, device, n=15):
     """The ops that took the time, by *self* time: an op's own time, not that of the ops it
-    calls (linear > mm > kernel would otherwise be counted three times)."""
+    calls (linear > mm > kernel would otherwise be counted three times). On a GPU each kernel
+    is also an event of its own, besides being in the self device time of the op that
+    launched it: only the ops are counted (seen on an H200: counting both gave 1.5x the wall
+    time). Returns (top ops, their total ms, the attention kernel SDPA took)."""
+    from torch.autograd import DeviceType
     cuda = device.type == 'cuda'
     key = 'self_device_time_total' if cuda else 'self_cpu_time_total'
-    events = [e for e in prof.key_averages() if not e.key.startswith('ProfilerStep')]
+    events = [e for e in prof.key_averages() if not e.key.startswith('ProfilerStep')
+              and getattr(e, 'device_type', DeviceType.CPU) == DeviceType.CPU]
     own = lambda e: getattr(e, key, None) or (getattr(e, 'self_cuda_time_total', 0) if cuda else 0)  # noqa: E731
     total = sum(own(e) for e in events) or 1
     ranked = sorted(events, key=own, reverse=True)[:n]
-    return [dict(op=e.key, ms=own(e) / 1000, share=own(e) / total, calls=e.count) for e in ranked], total / 1000
+    ops = [dict(op=e.key, ms=own(e) / 1000, share=own(e) / total, calls=e.count) for e in ranked]
+    return ops, total / 1000, attention_kernel([e.key for e in events])
+
+
+def attention_kernel(op_names):
+    """Which SDPA kernel the profiled steps ran, from every op's name (attention is a small
+    share of the time and rarely in the top ops): cuDNN, flash, memory-efficient or the math
+    fallback (a dense mask, as dynamo tracing builds, takes SDPA off its fused kernels)."""
+    names = ' '.join(n.lower() for n in op_names if 'attention' in n.lower())
+    for kernel in ('cudnn', 'flash', 'efficient', 'math'):
+        if kernel in names:
+            return kernel
+    return 'no SDPA op seen'
 
 
 def profile(ctx, bs, name):
     """Steady-state steps only: the profiler skips the first (allocator, autotuning) and
-    warms up on the next before recording."""
+    warms up on the next before recording. Returns (top ops, total ms, wall ms, kernel)."""
     from torch.profiler import ProfilerActivity, profile as run, schedule
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx['device'].type == 'cuda' else [])
     with run(activities=acts, schedule=schedule(wait=1, warmup=1, active=2)) as prof:
         rec = measure(ctx, name, bs, steps=4, profiler=prof)
-    ops, total_ms = top_ops(prof, ctx['device'])
-    return ops, total_ms, 2 * rec['ms_per_step']  # the two recorded steps' wall time
-
-
-def attention_kernel(ops):
-    """Which SDPA kernel the profiled steps ran: flash, memory-efficient or the math fallback
-    (a dense mask, as dynamo tracing builds, takes SDPA off its flash kernel)."""
-    names = ' '.join(o['op'].lower() for o in ops)
-    for kernel in ('flash', 'efficient', 'cudnn', 'math'):
-        if kernel in names:
-            return kernel
-    return 'not seen in the top ops'
+    ops, total_ms, kernel = top_ops(prof, ctx['device'])
+    return ops, total_ms, 2 * rec['ms_per_step'], kernel  # the two recorded steps' wall time
 
 # -----------------------------------------------------------------------------
 # The check
@@ -219,14 +243,21 @@ def build(args, check):
     builder = data.SampleBuilder(tok, model_args['n_latents'], vlm.slot_id, vlm.eos_id, None, 1536, vlm.bos_id)
     max_tokens = prepared['meta'].get('max_tokens', 60)
     ds = lambda n: data.CaptionDataset(prepared, 'train', StretchedCaptions(builder, n), vlm.image_spec)  # noqa: E731
-    return dict(vlm=vlm.train(), device=device, tiny=tiny, eos=vlm.eos_id, peak=flops.peak_flops(device),
+    check.out['loader_workers'] = workers = loader_workers(tiny)
+    if not tiny and not workers:
+        check.note('/dev/shm has under 2 GiB free: the loader runs in the main process (start the container '
+                   'with --ipc=host or a larger --shm-size)')
+    return dict(vlm=vlm.train(), device=device, tiny=tiny, workers=workers, eos=vlm.eos_id, peak=flops.peak_flops(device),
                 autocast=autocast(device, dtype), backend='eager' if tiny else 'inductor', model_args=model_args,
                 sync=torch.cuda.synchronize if device.type == 'cuda' else (lambda: None),
                 ds=ds(args.caption_tokens), worst_ds=ds(max_tokens), max_tokens=max_tokens)
 
 
-def run_parts(args, check, ctx):
-    """Parts 2-5 in this process: (fastest batch, largest safe batch)."""
+def run_parts(args, check, ctx, parts):
+    """Parts 2-5 in this process: (fastest batch, largest safe batch). Without the sweep
+    (a rerun of some parts), both are --batch_size."""
+    if 'sweep' not in parts:
+        return args.batch_size, args.batch_size if 'worst' not in parts else None
     batches = (2, 4) if ctx['tiny'] else (16, 32, 48, 64)
     end = check.deadline('sweep')
     for bs in batches:  # uniform rows; the sweep stops at the first out-of-memory
@@ -240,9 +271,14 @@ def run_parts(args, check, ctx):
         return None, None
     best = max(ok, key=lambda r: r['samples_per_s'])['batch']
     largest = max(r['batch'] for r in ok)
+    return best, largest
+
+
+def worst_part(check, ctx, best):
+    """The data's worst batch at each size the sweep ran: the largest safe batch_size."""
     end, safe = check.deadline('worst'), None
     total = check.out['gpu_total_gib']
-    for bs in [r['batch'] for r in ok]:  # the data's worst batch at each size that ran
+    for bs in [r['batch'] for r in check.out['results']] or [best]:
         if time.time() > end:
             check.note(f'worst case at batch {bs}: skipped, out of its time')
             break
@@ -250,14 +286,20 @@ def run_parts(args, check, ctx):
         if rec is None or (total and rec['peak_gib'] > SAFE_FRACTION * total):
             break
         safe = bs
+    return safe
+
+
+def other_parts(check, ctx, parts, best, largest):
+    """Packing at the fastest batch, activation checkpointing at the largest, a profile."""
     for part, go in (('packed', lambda: attempt(check, ctx, 'results', f'batch {best} packed', best, packing=True)),
                      ('grad_ckpt', lambda: _with_grad_ckpt(check, ctx, largest)),
                      ('profile', lambda: _profile_part(check, ctx, best))):
-        if check.deadline(part) - time.time() < (5 if ctx['tiny'] else 30):
+        if part not in parts:
+            continue
+        if check.deadline(part) - time.time() < (5 if ctx['tiny'] else 15):
             check.note(f'{part}: skipped, out of time')
             continue
         go()
-    return best, safe
 
 
 def _with_grad_ckpt(check, ctx, bs):
@@ -270,9 +312,8 @@ def _with_grad_ckpt(check, ctx, bs):
 
 def _profile_part(check, ctx, bs):
     try:
-        check.out['profile'], check.out['profile_total_ms'], check.out['profile_wall_ms'] = \
-            profile(ctx, bs, f'profile b{bs}')
-        check.out['attention_kernel'] = attention_kernel(check.out['profile'])
+        (check.out['profile'], check.out['profile_total_ms'], check.out['profile_wall_ms'],
+         check.out['attention_kernel']) = profile(ctx, bs, f'profile b{bs}')
         check.save()
     except Exception as e:
         check.note(f'profile: {type(e).__name__}: {str(e)[:200]}')
@@ -284,7 +325,7 @@ def e2e(args, check, model_args, device, bs, seconds):
     exists and train.py printed no warning (golden sampling and the report only warn)."""
     out_dir = os.path.join(args.out_dir, 'e2e')
     cfg = [f'--{k}={v}' for k, v in model_args.items() if k != 'tokenizer'] + [
-        f'--device={device.type}', '--dtype=bfloat16', f'--num_workers={0 if args.tiny else 8}',
+        f'--device={device.type}', '--dtype=bfloat16', f'--num_workers={loader_workers(args.tiny)}',
         f'--data_dir={args.data_dir}', f'--out_dir={out_dir}', f'--batch_size={bs}', '--gradient_accumulation_steps=1',
         '--eval_interval=10', '--eval_iters=2', '--sample_interval=10', '--log_interval=5', '--eval_max_new_tokens=16']
     res, end = dict(batch=bs), time.time() + seconds
@@ -341,13 +382,12 @@ def compile_part(args):
     check = Check(args.out_dir + '/compile_part', 1e9, device='child')
     ctx = build(args, check)
     vlm = ctx['vlm']
-    vlm.llm.get_decoder().compile(backend=ctx['backend'])
-    vlm.vision.compile(backend=ctx['backend'])
+    vlm.compile_blocks(ctx['backend'])
     ctx['compile'] = True
     rec = measure(ctx, f'batch {args.batch_size} torch.compile', args.batch_size)
-    ops, _, _ = profile(ctx, args.batch_size, 'compiled profile')
+    ops, _, _, kernel = profile(ctx, args.batch_size, 'compiled profile')
     atomic_write_text(os.path.join(args.out_dir, 'compile.json'),
-                      json.dumps(dict(result=rec, profile=ops, attention_kernel=attention_kernel(ops)), default=str))
+                      json.dumps(dict(result=rec, profile=ops, attention_kernel=kernel), default=str))
 
 
 def free(ctx):
@@ -378,7 +418,7 @@ def summary(check):
     if out.get('attention_kernel'):
         print(f"attention kernel: eager {out['attention_kernel']}, compiled {out.get('compiled_attention_kernel')}")
     e = out.get('e2e') or {}
-    print(f"e2e: {'ok' if e.get('ok') else 'FAILED'}; JSON: {check.path}; {out['seconds']:.0f}s in all")
+    print(f"e2e: {'not run' if not e else 'ok' if e.get('ok') else 'FAILED'}; JSON: {check.path}; {out['seconds']:.0f}s in all")
 
 
 def main(args):
@@ -390,29 +430,36 @@ def main(args):
         from bench import run_prepare
         print(f'preparing the synthetic dataset in {os.path.dirname(args.data_dir)}', flush=True)
         run_prepare(['--synthetic=2000', f'--data_dir={os.path.dirname(args.data_dir)}', '--llm=none'])
-    check = Check(args.out_dir, args.budget, torch=torch.__version__, transformers=transformers.__version__,
+    parts = PARTS if args.parts == 'all' else tuple(args.parts.split(','))
+    if set(parts) - set(PARTS):
+        raise UserError(f"bench gpu: unknown part(s) {', '.join(sorted(set(parts) - set(PARTS)))}; "
+                        f"choose from {','.join(PARTS)}")
+    check = Check(args.out_dir, args.budget, parts, torch=torch.__version__, transformers=transformers.__version__,
                   caption_tokens=args.caption_tokens, device='CPU (tiny backbones)' if args.tiny else
                   (torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'))
     try:
         ctx = build(args, check)
-        best, safe = run_parts(args, check, ctx)
+        best, largest = run_parts(args, check, ctx, parts)
+        if best is None:
+            raise UserError('bench gpu: no configuration ran (see the notes in the JSON)')
+        safe = worst_part(check, ctx, best) if 'worst' in parts else None
+        other_parts(check, ctx, parts, best, largest)
         model_args, device = ctx['model_args'], ctx['device']
         check.out['backbones'] = {k: model_args[k] for k in ('vision', 'llm')}
         free(ctx)
-        if best is None:
-            raise UserError('bench gpu: no configuration ran (see the notes in the JSON)')
         batch = min(best, safe or best)  # the child meets the data's worst batches too
-        seconds = check.deadline('e2e') - time.time()
+        seconds = check.deadline('e2e') - time.time() if 'e2e' in parts else 0
         if seconds > (20 if args.tiny else 60):
             e2e(args, check, model_args, device, batch, seconds)
-        else:
+        elif 'e2e' in parts:
             check.note('e2e run: skipped, out of time')
-        seconds = check.deadline('compile') - time.time()
+        seconds = check.deadline('compile') - time.time() if 'compile' in parts else 0
         compiled = compile_child(args, check, best, seconds) if seconds > (20 if args.tiny else 90) else \
-            check.note('torch.compile: skipped, out of time')
-        eager = next(r for r in check.out['results'] if r['config'] == f'batch {best}')
-        fastest = max([eager] + ([compiled] if compiled else []), key=lambda r: r['samples_per_s'])
-        check.out.update(fastest=fastest, safe_batch=safe, recommended_batch=batch, use_compile=fastest is compiled)
+            ('compile' in parts and check.note('torch.compile: skipped, out of time')) or None
+        eager = [r for r in check.out['results'] if r['config'] == f'batch {best}']
+        fastest = max(eager + ([compiled] if compiled else []), key=lambda r: r['samples_per_s'], default=None)
+        check.out.update(fastest=fastest, safe_batch=safe, recommended_batch=batch,
+                         use_compile=compiled is not None and fastest is compiled)
         check.out['status'] = 'done'
     except BaseException as e:  # a kill by the scheduler is not an exception, but everything else is recorded
         check.out['status'] = f'failed: {type(e).__name__}: {str(e)[:300]}'
@@ -420,4 +467,10 @@ def main(args):
         raise
     check.save()
     summary(check)
+    # Everything is saved. Exit now: on torch 2.11 the loader workers of the measured
+    # configurations held the interpreter's exit for minutes (their atexit joins, seen on an
+    # H200), which a lease's time limit turns into a lost run.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 

@@ -267,6 +267,22 @@ class VLM(nn.Module):
         self.grad_checkpointing = False
         return self.train(self.training)
 
+    def compile_blocks(self, backend='inductor'):
+        """torch.compile each repeated block of the backbones (every entry of their layer lists)
+        and the connector, not each backbone whole: the 36 decoder layers share one compiled
+        graph, so compiling costs one layer's time instead of minutes, and the causal mask is
+        still built eagerly outside the graphs, where SDPA keeps its flash kernel."""
+        def blocks(module):
+            for child in module.children():
+                if isinstance(child, nn.ModuleList):
+                    yield from child
+                else:
+                    yield from blocks(child)
+        for block in [*blocks(self.llm), *blocks(self.vision)]:
+            block.compile(backend=backend)
+        self.connector.compile(backend=backend)
+        return self
+
     def encode_images(self, images):
         """uint8 [M, 3, H, W] -> patch features [M, P, Dv]. Normalising here, on the device,
         keeps the host->device copy 4x smaller than float pixels."""

@@ -211,3 +211,36 @@ def test_a_killed_gpu_check_leaves_what_it_measured(synthetic, tmp_path):
             p.kill()
     out = json.loads(path.read_text())
     assert out['status'] == 'running' and out['results'][0]['config'] == 'batch 2' and out['results'][0]['ms_per_step']
+
+
+def test_gpu_check_reruns_only_the_parts_asked_for(synthetic, tmp_path):
+    """--parts reruns what a short lease skipped, at --batch_size, and nothing else."""
+    p = run_script(['bench.py', 'gpu', '--tiny', '--parts', 'packed,profile', '--batch_size', '4', '--data_dir',
+                    synthetic, '--out_dir', tmp_path], timeout=300)
+    assert_ok(p)
+    out = json.loads((tmp_path / 'gpu_check.json').read_text())
+    assert [r['config'] for r in out['results']] == ['batch 4 packed'], out['notes']
+    assert out['worst_case'] == [] and out['e2e'] is None and out['profile'] and out['status'] == 'done'
+    assert 'e2e: not run' in p.stdout
+
+
+def test_gpu_profile_counts_each_kernel_once():
+    """On a GPU the profiler lists each kernel as an event of its own and also inside the self
+    device time of the op that launched it: only the ops are summed, or the profile adds up to
+    more than the steps took (1.5x on an H200)."""
+    from types import SimpleNamespace
+    from torch.autograd import DeviceType
+    import gpu_check
+
+    def ev(key, us, device_type=DeviceType.CPU):
+        return SimpleNamespace(key=key, self_device_time_total=us, count=1, device_type=device_type)
+    events = [ev('ProfilerStep#2', 0), ev('aten::mm', 600), ev('aten::mul', 300),
+              ev('aten::_cudnn_attention_forward', 100), ev('nvjet_sm90_gemm', 600, DeviceType.CUDA),
+              ev('elementwise_kernel', 300, DeviceType.CUDA)]
+    prof = SimpleNamespace(key_averages=lambda: events)
+    ops, total_ms, kernel = gpu_check.top_ops(prof, torch.device('cuda'))
+    assert total_ms == pytest.approx(1.0) and [o['op'] for o in ops] == ['aten::mm', 'aten::mul',
+                                                                         'aten::_cudnn_attention_forward']
+    assert ops[0]['share'] == pytest.approx(0.6) and kernel == 'cudnn'
+    assert gpu_check.attention_kernel(['aten::_scaled_dot_product_flash_attention_for_cpu', 'aten::mm']) == 'flash'
+    assert gpu_check.attention_kernel(['aten::mm']) == 'no SDPA op seen'

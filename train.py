@@ -205,9 +205,7 @@ log(f'model: vision {M.count_params(vlm.vision) / 1e6:.1f}M + llm {M.count_param
     f'({str(ptdtype).removeprefix("torch.")}, {attn_implementation} attention), connector '
     f'{M.count_params(connector) / 1e6:.2f}M trainable ({time.time() - t0:.1f}s to build)')
 if compile:
-    vlm.llm.get_decoder().compile()
-    vlm.vision.compile()
-    connector.compile()
+    vlm.compile_blocks()
 # the forward pass goes through DDP's wrapper, which all-reduces the connector's gradients;
 # only the connector is wrapped: DDP would otherwise broadcast all 8B frozen weights
 train_connector = torch.nn.parallel.DistributedDataParallel(
