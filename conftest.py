@@ -221,8 +221,11 @@ def smollm2_dir(tmp_path_factory):
 
 @pytest.fixture(scope='session')
 def tiny():
-    """The tiny VLM in eval mode; tests that change its weights build their own."""
-    vlm, tok = build_tiny()
+    """The tiny VLM in eval mode; tests that change its weights build their own. Its connector
+    is drawn from a fixed seed: whichever test asks for it first, it is the same model."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        vlm, tok = build_tiny()
     return vlm.eval(), tok
 
 
