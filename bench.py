@@ -512,8 +512,12 @@ if __name__ == '__main__':
     ap.add_argument('--data_dir', default='data/synthetic/prepared')
     ap.add_argument('--ckpt', default=None, help='synthbench: the checkpoint to evaluate')
     ap.add_argument('--meteor', action='store_true', help='scoring: METEOR too (the Java toolkit)')
-    ap.add_argument('extra', nargs='*', help='align: train.py overrides after --, e.g. -- --max_iters=800')
-    a = ap.parse_args()
+    ap.epilog = 'align: train.py overrides go after --, e.g. python bench.py align -- --max_iters=800'
+    # split at '--' by hand: argparse gives a '*' positional nothing once the first positional matched
+    argv = sys.argv[1:]
+    cut = argv.index('--') if '--' in argv else len(argv)
+    a = ap.parse_args(argv[:cut])
+    a.extra = argv[cut + 1:]
     a.n = a.n or dict(loader=512, prepare=558000, shards=100000).get(a.what, 0)
     if a.what == 'losshead' and a.variant:
         _losshead_run(a.variant, a.vocab, a.B, a.T)

@@ -244,3 +244,11 @@ def test_gpu_profile_counts_each_kernel_once():
     assert ops[0]['share'] == pytest.approx(0.6) and kernel == 'cudnn'
     assert gpu_check.attention_kernel(['aten::_scaled_dot_product_flash_attention_for_cpu', 'aten::mm']) == 'flash'
     assert gpu_check.attention_kernel(['aten::mm']) == 'no SDPA op seen'
+
+
+def test_bench_passes_what_follows_double_dash_to_train():
+    """`python bench.py align -- --max_iters=800`: argparse alone rejects what follows '--'
+    once the first positional has matched; bench.py splits it off for train.py."""
+    p = run_script(['bench.py', 'params', '--', '--max_iters=800', '--eval_interval=100'], timeout=300)
+    assert_ok(p)
+    assert 'FLOPs' in p.stdout, p.stdout[-500:]
