@@ -496,8 +496,9 @@ if __name__ == '__main__':
                                                               'does not fit and says so)')
     ap.add_argument('--part', default=None, choices=['compile'], help='gpu: run one part only (the check runs '
                                                                       'torch.compile this way, in a child process)')
-    ap.add_argument('--parts', default='all', help='gpu: a comma list of sweep,worst,packed,grad_ckpt,profile,e2e,'
-                                                   'compile to rerun some parts only (at --batch_size without the sweep)')
+    ap.add_argument('--parts', default='all', help='gpu: a comma list of sweep,worst,packed,grad_ckpt,profile,'
+                                                   'e2e,compile: rerun some parts only (at --batch_size '
+                                                   'without the sweep)')
     ap.add_argument('--n_latents', type=int, default=64)
     ap.add_argument('--caption_tokens', type=int, default=15)
     ap.add_argument('--variant', default=None)

@@ -247,17 +247,18 @@ def build(args, check):
     if not tiny and not workers:
         check.note('/dev/shm has under 2 GiB free: the loader runs in the main process (start the container '
                    'with --ipc=host or a larger --shm-size)')
-    return dict(vlm=vlm.train(), device=device, tiny=tiny, workers=workers, eos=vlm.eos_id, peak=flops.peak_flops(device),
-                autocast=autocast(device, dtype), backend='eager' if tiny else 'inductor', model_args=model_args,
+    return dict(vlm=vlm.train(), device=device, tiny=tiny, workers=workers, eos=vlm.eos_id,
+                peak=flops.peak_flops(device), autocast=autocast(device, dtype),
+                backend='eager' if tiny else 'inductor', model_args=model_args,
                 sync=torch.cuda.synchronize if device.type == 'cuda' else (lambda: None),
                 ds=ds(args.caption_tokens), worst_ds=ds(max_tokens), max_tokens=max_tokens)
 
 
 def run_parts(args, check, ctx, parts):
-    """Parts 2-5 in this process: (fastest batch, largest safe batch). Without the sweep
+    """The sweep of uniform rows: (fastest batch, largest batch that ran). Without the sweep
     (a rerun of some parts), both are --batch_size."""
     if 'sweep' not in parts:
-        return args.batch_size, args.batch_size if 'worst' not in parts else None
+        return args.batch_size, args.batch_size
     batches = (2, 4) if ctx['tiny'] else (16, 32, 48, 64)
     end = check.deadline('sweep')
     for bs in batches:  # uniform rows; the sweep stops at the first out-of-memory
@@ -325,7 +326,7 @@ def e2e(args, check, model_args, device, bs, seconds):
     exists and train.py printed no warning (golden sampling and the report only warn)."""
     out_dir = os.path.join(args.out_dir, 'e2e')
     cfg = [f'--{k}={v}' for k, v in model_args.items() if k != 'tokenizer'] + [
-        f'--device={device.type}', '--dtype=bfloat16', f'--num_workers={loader_workers(args.tiny)}',
+        f'--device={device.type}', '--dtype=bfloat16', f"--num_workers={check.out['loader_workers']}",
         f'--data_dir={args.data_dir}', f'--out_dir={out_dir}', f'--batch_size={bs}', '--gradient_accumulation_steps=1',
         '--eval_interval=10', '--eval_iters=2', '--sample_interval=10', '--log_interval=5', '--eval_max_new_tokens=16']
     res, end = dict(batch=bs), time.time() + seconds
@@ -418,7 +419,8 @@ def summary(check):
     if out.get('attention_kernel'):
         print(f"attention kernel: eager {out['attention_kernel']}, compiled {out.get('compiled_attention_kernel')}")
     e = out.get('e2e') or {}
-    print(f"e2e: {'not run' if not e else 'ok' if e.get('ok') else 'FAILED'}; JSON: {check.path}; {out['seconds']:.0f}s in all")
+    e2e_state = 'not run' if not e else 'ok' if e.get('ok') else 'FAILED'
+    print(f"e2e: {e2e_state}; JSON: {check.path}; {out['seconds']:.0f}s in all")
 
 
 def main(args):
@@ -453,9 +455,11 @@ def main(args):
             e2e(args, check, model_args, device, batch, seconds)
         elif 'e2e' in parts:
             check.note('e2e run: skipped, out of time')
-        seconds = check.deadline('compile') - time.time() if 'compile' in parts else 0
-        compiled = compile_child(args, check, best, seconds) if seconds > (20 if args.tiny else 90) else \
-            ('compile' in parts and check.note('torch.compile: skipped, out of time')) or None
+        seconds, compiled = check.deadline('compile') - time.time() if 'compile' in parts else 0, None
+        if seconds > (20 if args.tiny else 90):
+            compiled = compile_child(args, check, best, seconds)
+        elif 'compile' in parts:
+            check.note('torch.compile: skipped, out of time')
         eager = [r for r in check.out['results'] if r['config'] == f'batch {best}']
         fastest = max(eager + ([compiled] if compiled else []), key=lambda r: r['samples_per_s'], default=None)
         check.out.update(fastest=fastest, safe_batch=safe, recommended_batch=batch,

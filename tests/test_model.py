@@ -299,6 +299,7 @@ def test_grad_checkpointing_recomputes_and_matches(dataset):
     for a, b in zip(g0, g1):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
+
 def test_compile_blocks_compiles_every_layer_and_matches(dataset):
     """compile=True compiles each layer of both backbones and the connector (one graph per
     kind of block, not a whole 36-layer decoder), and loss and gradients are unchanged."""
