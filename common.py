@@ -31,10 +31,20 @@ def one_line_errors():
     sys.excepthook = hook
 
 
-def first_line(e, limit=160):
-    """An exception as one short line: its first line, or its type when it has no message."""
+def first_line(e, limit=200):
+    """An exception as one short line: its first line, or its type when it has no message. A
+    line over `limit` is cut after its first sentence, else at a word, never mid-word."""
     s = str(e).strip()
-    return s.splitlines()[0][:limit] if s else type(e).__name__
+    if not s:
+        return type(e).__name__
+    s = s.splitlines()[0]
+    if len(s) <= limit:
+        return s
+    end = s.find('. ', 0, limit)
+    if end > 0:
+        return s[:end + 1]
+    cut = s.rfind(' ', 0, limit - 3)
+    return s[:cut if cut > 0 else limit - 3].rstrip(' ,;:') + '...'
 
 
 # -----------------------------------------------------------------------------
@@ -54,6 +64,18 @@ def space_error(e, path):
         return UserError(f'{why} while writing {path} ({free}); free space (or set another out_dir) and '
                          f'run again - the previous file there is intact')
     return None
+
+
+def check_out_dir(path, what='out_dir'):
+    """One line, before any work, when `path` cannot become a folder to write in: it (or a
+    folder above it) is a file, or the first folder that exists is not writable."""
+    p = os.path.abspath(path)
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        raise UserError(f"{what} '{path}' cannot be a folder: '{p}' is a file; give another {what}")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise UserError(f"{what} '{path}': no permission to write in '{p}'; give another {what}")
 
 
 def atomic_write(path, write):

@@ -459,23 +459,24 @@ def _from_pretrained(cls, name, what, device=None, **kw):
         with _quiet_transformers():
             return cls.from_pretrained(name, local_files_only=local, **kw,
                                        **(dict(output_loading_info=True) if weights else {}))
-    out = None
     try:  # local first: no network needed, no retries
         out = load(True)
-    except (OSError, ValueError) as e:
-        why = first_line(e)
-    if out is None and not os.path.isdir(name):
+    except (OSError, ValueError, ImportError) as e:
+        out, why = None, first_line(e)
+    if out is None and os.path.isdir(name):  # a folder on this disk: no download would help
+        raise UserError(f"cannot load {what} from the folder '{name}': {why}")
+    if out is None:
         if not hub_reachable():
-            why = 'not in the local Hugging Face cache and the hub is unreachable'
+            why = 'not in the local Hugging Face cache, and the hub is unreachable'
         else:
             try:
                 out = load(False)
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, ImportError) as e:
                 why = first_line(e)
     if out is None:
         hint = f", or {what}='random:{name}' for random weights" if weights else ''
         raise UserError(f"cannot load {what} '{name}' ({why}); download it on a connected machine "
-                        f"(`hf download {name}`) or give a local directory{hint}")
+                        f"(`hf download {name}`) and give its local directory{hint}")
     if not weights:
         return out
     model, info = out

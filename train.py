@@ -26,7 +26,7 @@ import data
 import evaluate
 import flops
 import model as M
-from common import atomic_torch_save, autocast as autocast_for, first_line, one_line_errors, resolve_device
+from common import atomic_torch_save, check_out_dir, autocast as autocast_for, first_line, one_line_errors, resolve_device
 from configurator import configure, require
 
 one_line_errors()
@@ -104,6 +104,7 @@ require(init_from in ('scratch', 'resume'), f"init_from must be 'scratch' or 're
 require(attn_implementation in ('sdpa', 'eager', 'flash_attention_2'),
         f"attn_implementation must be sdpa, eager or flash_attention_2, got '{attn_implementation}'")
 require(out_dir.strip() != '', "out_dir is empty: give a folder for checkpoints and logs (e.g. --out_dir=out)")
+check_out_dir(out_dir)
 require(eval_bench in ('', 'coco', 'nocaps', 'flickr30k'),
         f"eval_bench must be '', coco, nocaps or flickr30k, got '{eval_bench}'")
 require(not eval_bench or (eval_bench_ann and eval_bench_images and eval_bench_num >= 0),
