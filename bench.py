@@ -1,7 +1,7 @@
 """
 Benchmarks that print numbers (the README records them with the machine they ran on).
 
-$ python bench.py gpu [--tiny]           # the one-shot GPU check: throughput, MFU, memory, a 30-step e2e run
+$ python bench.py gpu [--tiny]           # the one-shot GPU check (gpu/check.py): train.py's own numbers, FP8 GEMMs
 $ python bench.py params                 # full-size model on the meta device: params, FLOPs/sample, H100 estimate
 $ python bench.py losshead               # caption-only loss head vs full-vocab logits (CPU: time, peak memory)
 $ python bench.py loader                 # images/s from a folder / images.zip / packed file / tar shards, by workers
@@ -30,7 +30,7 @@ import zipfile
 
 import numpy as np
 
-from common import UserError
+from configurator import UserError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ASSETS = os.path.join(HERE, '..', 'shared', 'assets')
@@ -70,13 +70,14 @@ def bench_params(args):
     """Parameter counts and FLOPs per sample of the full-size model, built on the meta device
     (no memory, no download), and the throughput one H100 would give at 45 % MFU."""
     import data
-    import flops
     import model as M
-    vision = M.build_vision('random:' + M.DEFAULT_VISION, device='meta')
-    llm = M.build_llm('random:' + M.DEFAULT_LLM, device='meta')
+    from gpu.flops import batch_flops
+    from sources import backbones as B
+    vision = B.build_vision('random:' + M.DEFAULT_VISION, device='meta')
+    llm = B.build_llm('random:' + M.DEFAULT_LLM, device='meta')
     print(f'vision tower  {M.count_params(vision) / 1e9:.3f}B params ({M.DEFAULT_VISION}, all 27 layers + head)')
     print(f'LLM           {M.count_params(llm) / 1e9:.3f}B params ({M.DEFAULT_LLM})')
-    tok = M.tiny_tokenizer()
+    tok = B.tiny_tokenizer()
     vlm = M.build_vlm(dict(M.MODEL_DEFAULTS, vision='random:' + M.DEFAULT_VISION, llm='random:' + M.DEFAULT_LLM,
                            n_latents=args.n_latents), tok, device='meta')
     print(f'vision used   {M.count_params(vlm.vision) / 1e9:.3f}B params (layers up to the penultimate, no head)')
@@ -84,7 +85,7 @@ def bench_params(args):
     prompt = len(data.encode_prompt(tok, data.TEMPLATE_A, args.n_latents, 1))
     # LCS-558K captions average ~12 words, ~15 Qwen tokens (+ eos); the Qwen prompt text is ~10 tokens
     seq = prompt + args.caption_tokens + 1
-    f = flops.flops_per_batch(vlm, 1, [seq], args.caption_tokens + 1)
+    f = batch_flops(vlm, 1, [seq], args.caption_tokens + 1)
     n_prompt = seq - args.n_latents - args.caption_tokens - 1
     print(f'sequence      {seq} tokens/sample ({args.n_latents} slots + ~{n_prompt} '
           f'prompt + {args.caption_tokens} caption + eos)')
@@ -140,7 +141,7 @@ def _photos(n, w=500, h=375):
     """n JPEG byte strings of LCS-558K-like size: crops of the sample photos when present,
     else noise over gradients."""
     from PIL import Image
-    from images import to_rgb
+    from sources.images import to_rgb
     rng = np.random.default_rng(0)
     folder = os.path.join(ASSETS, 'images')
     src = [to_rgb(Image.open(os.path.join(folder, f))) for f in sorted(os.listdir(folder))] \
@@ -162,7 +163,7 @@ def _photos(n, w=500, h=375):
 
 def _write_sources(tmp, photos):
     """The same photos and captions as a LLaVA json + images/, images.zip, and tar shards."""
-    from shards import write_shards
+    from sources.shards import write_shards
     rnd = random.Random(0)
     caps = [caption(rnd) for _ in photos]
     paths = [f'{i // 100:03d}/{i:06d}.jpg' for i in range(len(photos))]
@@ -183,8 +184,8 @@ def _write_sources(tmp, photos):
 def bench_loader(args):
     """images/s through CaptionDataset + DataLoader for each image source and worker count."""
     import data
-    import model as M
-    from images import pack_spec
+    from sources.backbones import tiny_tokenizer
+    from sources.images import pack_spec
     tmp = tempfile.mkdtemp(prefix='loader_bench_')
     try:
         _write_sources(tmp, _photos(args.n))
@@ -196,7 +197,7 @@ def bench_loader(args):
                                     f'--pack_size={args.size}'],
                  'shards': ['--shards', os.path.join(tmp, 'shards'), f'--data_dir={tmp}/shards']}
         print(f'{args.n} JPEGs 500x375 q90 -> uint8 {args.size}x{args.size}, CPUs: {os.cpu_count()}')
-        tok = M.tiny_tokenizer()
+        tok = tiny_tokenizer()
         for kind, extra in kinds.items():
             out = f'{tmp}/p_{kind}'
             run_prepare(common + extra + [f'--out_dir={out}'])
@@ -240,7 +241,7 @@ def bench_prepare(args):
               f'{rss:.2f} GiB, {os.cpu_count()} CPUs, tokenizer {args.tokenizer}')
         bench_open(argparse.Namespace(data_dir=f'{tmp}/prepared'))
         bench_batching(argparse.Namespace(data_dir=f'{tmp}/prepared', n_latents=args.n_latents,
-                                          batch_size=args.batch_size))
+                                          batch_size=args.batch_size or 32))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -248,7 +249,7 @@ def bench_prepare(args):
 def _write_bench_shards(job):
     """One worker's shards: 300 small JPEGs reused under different keys, generated captions."""
     from PIL import Image
-    from shards import write_shards
+    from sources.shards import write_shards
     out_dir, first_shard, n, per_shard = job
     rng, rnd = np.random.default_rng(0), random.Random(first_shard)
     photos = []
@@ -291,11 +292,13 @@ def bench_shards(args):
 def bench_batching(args):
     """Fraction of batch positions that are real tokens, over one epoch's batches."""
     import data
-    import model as M
-    from images import pack_spec
+    from sources.backbones import load_tokenizer
+    from sources.images import pack_spec
+    args.batch_size = args.batch_size or 32
+    from sources.tokens import special_ids
     prepared = data.open_prepared(args.data_dir, image_root='.')  # captions only: the images need not exist
-    tok = M.load_tokenizer(prepared['meta']['tokenizer'])
-    ids = M.special_ids(tok)
+    tok = load_tokenizer(prepared['meta']['tokenizer'])
+    ids = special_ids(tok)
     ds = data.CaptionDataset(prepared, 'train', data.SampleBuilder(tok, args.n_latents, ids['slot'], ids['eos']),
                              pack_spec(384))
     lengths = ds.lengths()
@@ -318,13 +321,13 @@ def bench_open(args):
 
 
 # -----------------------------------------------------------------------------
-# The GPU check lives in gpu_check.py (it is a program of its own: parts, budget shares, a
-# record rewritten after every configuration, child processes for the e2e run and compile).
+# The GPU check lives in gpu/check.py (a program of its own: parts with budget shares, each a
+# train.py run read from its log.jsonl, a record rewritten after every part).
 
 
 def bench_gpu(args):
-    import gpu_check
-    gpu_check.main(args)
+    from gpu import check
+    check.main(args)
 
 
 # -----------------------------------------------------------------------------
@@ -336,8 +339,7 @@ def bench_scoring(args):
     """Scoring 5,000 captions against 5 references each (the size of COCO's Karpathy test):
     the PTB tokenizer (pure Python, and the official Java one when installed), then BLEU,
     ROUGE-L and CIDEr-D. What an eval during training pays for a benchmark's scores."""
-    import coco_caption
-    import metrics
+    from evaluation import coco_caption, metrics
     n, k = args.n or 5000, 5
     rnd = random.Random(0)
     refs = {i: [caption(rnd).capitalize() + '.' for _ in range(k)] for i in range(n)}
@@ -371,7 +373,7 @@ def bench_synthbench(args):
     """The CPU demo's connector (--ckpt) on benchmark-format copies of its val split, through
     sample.py --bench as a user runs it: the numbers the README records."""
     src = os.path.dirname(os.path.normpath(args.data_dir))  # data/synthetic/prepared -> data/synthetic
-    import benchmarks
+    from evaluation import benchmarks
     files = benchmarks.write_synthetic(src, os.path.join(args.out_dir, 'synthbench'))
     print(f'benchmark files of the {src} val split: {", ".join(files.values())}')
     if not args.ckpt:
@@ -450,7 +452,7 @@ def _zip_reader_memory(job):
     """In a fresh process (a loader worker's view): anonymous memory after reading one member
     by zipfile (which parses the whole central directory) or by prepared offsets."""
     path, how = job
-    import images
+    from sources import images
     before = _anon_mib()
     if how == 'zipfile':
         zf = zipfile.ZipFile(path)
@@ -466,7 +468,7 @@ def bench_zipmem(args):
     """Host memory per loader worker reading images.zip: zipfile.ZipFile keeps the parsed
     central directory (a ZipInfo per member) in every worker; reading by the offsets
     prepare_llava.py stores (zip_locs.npy) keeps none."""
-    import images
+    from sources import images
     n = args.n or 100000
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, 'images.zip')
@@ -485,20 +487,19 @@ def bench_zipmem(args):
 
 
 if __name__ == '__main__':
-    from common import one_line_errors
+    from configurator import one_line_errors
     one_line_errors()
     ap = argparse.ArgumentParser(description='benchmarks (see the top of bench.py)')
     ap.add_argument('what', choices=['gpu', 'params', 'losshead', 'loader', 'prepare', 'shards', 'batching', 'open',
                                      'scoring', 'synthbench', 'zipmem', 'align'])
     ap.add_argument('--tiny', action='store_true', help='gpu: tiny backbones on the CPU (the test-suite run)')
-    ap.add_argument('--out_dir', default='bench_out', help='gpu: where the JSON and the e2e run go')
+    ap.add_argument('--out_dir', default='bench_out', help='gpu: where its data, the JSON and the train.py runs go')
     ap.add_argument('--budget', type=float, default=540, help='gpu: seconds for the whole check (it skips what '
                                                               'does not fit and says so)')
-    ap.add_argument('--part', default=None, choices=['compile'], help='gpu: run one part only (the check runs '
-                                                                      'torch.compile this way, in a child process)')
-    ap.add_argument('--parts', default='all', help='gpu: a comma list of sweep,worst,packed,grad_ckpt,profile,'
-                                                   'e2e,compile: rerun some parts only (at --batch_size '
-                                                   'without the sweep)')
+    ap.add_argument('--parts', default='all', help='gpu: a comma list of train,fp8,worst,eager,profile,packed,'
+                                                   'grad_ckpt: rerun some parts only')
+    ap.add_argument('--part', default=None, choices=['profile'], help='gpu: the profile child (the check runs it)')
+    ap.add_argument('--warm', type=int, default=40, help='gpu profile child: steps before the profile')
     ap.add_argument('--n_latents', type=int, default=64)
     ap.add_argument('--caption_tokens', type=int, default=15)
     ap.add_argument('--variant', default=None)
@@ -508,7 +509,8 @@ if __name__ == '__main__':
     ap.add_argument('--n', type=int, default=None, help='loader: images (512); prepare/shards: records')
     ap.add_argument('--size', type=int, default=384)
     ap.add_argument('--workers', type=int, nargs='+', default=[0, 1, 2])
-    ap.add_argument('--batch_size', type=int, default=32)
+    ap.add_argument('--batch_size', type=int, default=None, help='batching: 32; gpu: stage1_align.py\'s 32 (4 '
+                    'with --tiny)')
     ap.add_argument('--tokenizer', default='tiny', help="prepare/shards: 'tiny' or a Qwen tokenizer dir/id")
     ap.add_argument('--data_dir', default='data/synthetic/prepared')
     ap.add_argument('--ckpt', default=None, help='synthbench: the checkpoint to evaluate')

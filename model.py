@@ -1,45 +1,34 @@
 """
-The model: a frozen vision tower and a frozen causal LLM joined by the trainable connector
-(connector.py).
+The model: a frozen vision tower and a frozen causal LLM joined by the trainable connector.
 
 Read top to bottom:
-1) the model keys, the two defaults' known configs, the tiny preset and its tokenizer,
-2) the token rules of any LLM family (eos, bos, the slot token, brackets), in one place,
-3) the VLM glue: encode images, splice connector outputs into the slot positions of
-   inputs_embeds, caption-only loss (with the family's own logit post-processing), batched
-   generation,
-4) builders (hub id / local dir with real weights, loaded straight onto the device;
-   `random:` from a config; `tiny`), with the head check and the weights' fingerprint,
-5) checkpoints: load, rebuild the model from one, export the connector.
-FLOPs and device peaks, for MFU, are in flops.py.
+1) the model keys (saved in every checkpoint) and their defaults,
+2) the connector: LayerNorm -> Perceiver resampler (N latents) -> MLP projector,
+3) the VLM glue: uint8 images normalised on the device, the connector's outputs spliced into
+   the slot positions of inputs_embeds, the caption-only loss, batched generation, FLOPs,
+4) builders: a backbone by name (hub id or local folder with real weights, loaded straight
+   onto the device; 'random:' from a config; 'tiny'), the whole VLM, loading a checkpoint.
+Backbone names and presets, the token rules of any LLM family and the towers' image rules
+live in sources/ (presets.py, tokens.py, images.py).
 """
-import contextlib
-import json
 import math
 import os
-import re
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UserError, atomic_write_bytes, first_line, hub_reachable, parse_backbone
-from connector import Connector
-from images import image_spec
+from configurator import UserError, first_line
+from sources import backbones as B
+from sources.backbones import DEFAULT_LLM, DEFAULT_VISION
+from sources.images import image_spec
+from sources.tokens import BRACKET_PAIRS, special_ids
 
-# -----------------------------------------------------------------------------
-# Backbones are named by one string (common.parse_backbone): a hub id or local directory
-# (real weights), 'random:<id or dir>' (that architecture, random weights) or 'tiny'.
-
-DEFAULT_LLM = 'Qwen/Qwen3-8B-Base'
-DEFAULT_VISION = 'google/siglip-so400m-patch14-384'
-
-
-# The model config keys, with their defaults (the design notes' recommendations). train.py
-# takes its model globals from here and saves them in every checkpoint; sample.py rebuilds
-# the model from them.
+# The model keys with their defaults (the design notes' recommendations). train.py takes its
+# model globals from here and saves them in every checkpoint; sample.py rebuilds the model
+# from them.
 MODEL_DEFAULTS = dict(
-    vision=DEFAULT_VISION,  # hub id, local dir, 'random:<id or dir>', or 'tiny'
+    vision=DEFAULT_VISION,  # hub id, local dir, 'random:<id or dir>', or 'tiny' (sources/backbones.py)
     llm=DEFAULT_LLM,
     tokenizer='',  # '' = the tokenizer the data was prepared with (meta.json)
     slot_token='',  # the token the image slots reuse; '' = the data's (meta.json), chosen per tokenizer
@@ -57,165 +46,83 @@ MODEL_DEFAULTS = dict(
 )
 MODEL_KEYS = tuple(MODEL_DEFAULTS)
 
-# The architectures of the two defaults are public facts; writing them here lets a
-# full-size model be built (meta device for counting, GPU for benchmarks) with no download.
-KNOWN_CONFIGS = {
-    'Qwen/Qwen3-8B-Base': dict(
-        model_type='qwen3', vocab_size=151936, hidden_size=4096, intermediate_size=12288,
-        num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-        max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
-        tie_word_embeddings=False, hidden_act='silu', attention_bias=False,
-        bos_token_id=151643, eos_token_id=151643),
-    'google/siglip-so400m-patch14-384': dict(
-        model_type='siglip_vision_model', hidden_size=1152, intermediate_size=4304,
-        num_hidden_layers=27, num_attention_heads=16, image_size=384, patch_size=14),
-}
-
-# The tiny preset: big enough to learn the synthetic captions on a CPU in about a minute.
-# The LLM is initialised wider than transformers' default (0.2 instead of 0.02): at 0.02 a
-# random model's logits span a fraction of a nat, so no input could make it predict a caption
-# confidently; a pretrained LLM's logits span tens of nats, and 0.2 gives the tiny one that range.
-TINY_VISION = dict(model_type='siglip_vision_model', hidden_size=64, intermediate_size=128,
-                   num_hidden_layers=3, num_attention_heads=4, image_size=48, patch_size=8)
-TINY_LLM = dict(model_type='qwen3', hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                max_position_embeddings=2048, tie_word_embeddings=False, rms_norm_eps=1e-6, initializer_range=0.2)
-
-# The tiny tokenizer's special tokens: Qwen's names, so the tiny preset takes the same token
-# rules (below) as the default LLM.
-EOS_TOKEN = '<|endoftext|>'
-SLOT_TOKEN = '<|image_pad|>'
-VISION_START, VISION_END = '<|vision_start|>', '<|vision_end|>'
-
-# Every word of the synthetic dataset, the prompt templates and the QA set, so that the
-# tiny tokenizer has no unknowns on the demo data. Anything else maps to [UNK].
-TINY_WORDS = """
-a an the one two three four five image images picture photo of in on at and with there is are
-red green blue yellow purple orange white black pink brown gray grey cyan
-circle circles square squares triangle triangles diamond diamonds star stars cross crosses
-small large big top bottom left right center middle corner upper lower background
-describe each order sentence per what color colour shape how many
-1 2 3 4 5 6 7 8 9 0
-""".split() + ['.', ',', ':', '?', '!', '-', "'", '"', '(', ')', '/', '\n']
-
-
-def tiny_tokenizer():
-    """A word-level tokenizer built in code: no download, a few hundred ids, same API as Qwen's."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    specials = [EOS_TOKEN, SLOT_TOKEN, VISION_START, VISION_END, '[UNK]']
-    vocab = {}
-    for w in specials + TINY_WORDS:
-        vocab.setdefault(w, len(vocab))
-    tk = Tokenizer(models.WordLevel(vocab, unk_token='[UNK]'))
-    tk.normalizer = normalizers.Lowercase()
-    # words, single punctuation marks and newlines are tokens; other whitespace separates them
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"\w+|[^\w\s]|\n"), behavior='removed', invert=True)
-    tk.decoder = decoders.WordPiece(prefix='##', cleanup=True)  # joins with spaces, no space before '.'
-    tk.add_special_tokens([AddedToken(t, special=True) for t in specials[:4]])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN,
-                                  unk_token='[UNK]')
-    tok.name_or_path = 'tiny'
-    return tok
-
-
-def load_tokenizer(name):
-    """'tiny', a hub id or a local dir. `random:X` uses X's tokenizer."""
-    kind, base = parse_backbone(name)
-    if kind == 'tiny':
-        return tiny_tokenizer()
-    from transformers import AutoTokenizer
-    return _from_pretrained(AutoTokenizer, base, 'tokenizer')
-
-
 # -----------------------------------------------------------------------------
-# Token rules: everything the prompt builder asks of a tokenizer, for any LLM family, decided
-# here and nowhere else.
-# - eos: the tokenizer's own end of text (Qwen base <|endoftext|>, Llama-3 <|end_of_text|>,
-#   Mistral </s>, Gemma <eos>, SmolLM2-Instruct <|im_end|>);
-# - bos: prepended to every sequence exactly when the tokenizer itself prepends one to text
-#   (Llama, Mistral, Gemma do; Qwen does not), so the LLM sees the start it was trained on;
-# - the slot token: an existing token that text never produces. The LLM's embedding table is
-#   frozen, so a new token could never learn an embedding, and the slots' embeddings are
-#   overwritten anyway; any special token that is not bos/eos/pad will do. Chosen from the
-#   table below, overridable with slot_token; captions that contain it are dropped when the
-#   data is prepared;
-# - brackets around each image's slots, only where the tokenizer has such a pair.
-SLOT_NAMES = ('<|image_pad|>', '<image_soft_token>', '<|image|>', '<image>', '[IMG]', '<|IMAGE|>')
-SLOT_RESERVED = re.compile(r'reserved|unused|placeholder|control|extra_id', re.I)  # tokens kept spare
-BRACKET_PAIRS = (('<|vision_start|>', '<|vision_end|>'), ('<start_of_image>', '<end_of_image>'),
-                 ('<|image_start|>', '<|image_end|>'), ('<image_start>', '<image_end>'), ('<img>', '</img>'))
-# text a tokenizer with an unknown-token fallback cannot cover: accents, CJK, emoji, a control byte
-UNK_PROBE = 'zqx Ærøskøbing 東京 \U0001F600 \u2603 ~^` \x07'
+# The connector: the only part of the model that learns
 
 
-def single_id(tok, text):
-    """The id of `text` if it is one token of the tokenizer's vocabulary, else None."""
-    i = tok.convert_tokens_to_ids(text)
-    if i is None or (i == tok.unk_token_id and text != tok.unk_token):
-        return None
-    return int(i)
+class ResamplerBlock(nn.Module):
+    """Pre-norm Perceiver block: latents attend over concat(patches, latents), then an MLP."""
+
+    def __init__(self, width, n_heads, mlp_ratio):
+        super().__init__()
+        assert width % n_heads == 0, f'resampler width {width} not divisible by heads {n_heads}'
+        self.n_heads = n_heads
+        self.norm_latents = nn.LayerNorm(width)
+        self.norm_context = nn.LayerNorm(width)
+        self.q = nn.Linear(width, width, bias=False)
+        self.kv = nn.Linear(width, 2 * width, bias=False)
+        self.o = nn.Linear(width, width, bias=False)
+        self.norm_mlp = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
+
+    def forward(self, x, context):
+        M, N, D = x.shape
+        h = self.norm_latents(x)
+        # Flamingo/Idefics2: keys and values also include the latents, so they can pass
+        # information among themselves, not only read the patches
+        kv_in = torch.cat([self.norm_context(context), h], dim=1)
+        q = self.q(h).view(M, N, self.n_heads, -1).transpose(1, 2)
+        k, v = self.kv(kv_in).view(M, kv_in.shape[1], 2, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v)
+        x = x + self.o(a.transpose(1, 2).reshape(M, N, D))
+        return x + self.mlp(self.norm_mlp(x))
 
 
-def _bos_id(tok):
-    """The id the tokenizer puts before text on its own (add_special_tokens), or None."""
-    plain = tok('a b', add_special_tokens=False)['input_ids']
-    full = tok('a b')['input_ids']
-    return int(full[0]) if full[:1] != plain[:1] and full[1:1 + len(plain)] == plain else None
+class Connector(nn.Module):
+    """[M, P, vision_dim] patch features -> [M, N, llm_dim] vectors for the N slot positions."""
 
+    def __init__(self, vision_dim, llm_dim, n_latents=64, width=1024, depth=2, n_heads=16, mlp_ratio=4,
+                 proj_hidden=4096, dropout=0.0, vision_ln=True, out_rms=None):
+        super().__init__()
+        self.args = dict(vision_dim=vision_dim, llm_dim=llm_dim, n_latents=n_latents, width=width, depth=depth,
+                         n_heads=n_heads, mlp_ratio=mlp_ratio, proj_hidden=proj_hidden, dropout=dropout,
+                         vision_ln=vision_ln, out_rms=out_rms)
+        self.vision_ln = nn.LayerNorm(vision_dim) if vision_ln else nn.Identity()
+        self.proj_in = nn.Linear(vision_dim, width)
+        self.latents = nn.Parameter(torch.randn(n_latents, width) * 0.02)
+        self.blocks = nn.ModuleList([ResamplerBlock(width, n_heads, mlp_ratio) for _ in range(depth)])
+        self.norm_out = nn.LayerNorm(width)
+        self.projector = nn.Sequential(nn.Linear(width, proj_hidden), nn.GELU(), nn.Dropout(dropout),
+                                       nn.Linear(proj_hidden, llm_dim))
+        # Scale matching: the LLM only ever saw inputs of its embedding table's size. A
+        # projector that emits vectors 10-100x larger (the default init does) saturates the
+        # first attention layers and stalls alignment, so when out_rms is given the output is
+        # RMS-normalised and multiplied by a learnable gain that starts at the mean RMS of
+        # the LLM's token embeddings.
+        self.out_gain = nn.Parameter(torch.full((llm_dim,), float(out_rms))) if out_rms else None
 
-def _slot_candidates(tok, taken):
-    """Token texts that could hold the image slots, best first: the known image-slot names,
-    then the spare tokens a family reserves, then its other special tokens, and as a last
-    resort the unknown token of a tokenizer that never produces it (byte-level BPE)."""
-    added = {int(i): t for i, t in tok.added_tokens_decoder.items()}
-    special = {i: t.content for i, t in sorted(added.items()) if t.special}
-    bracket_texts = {t for pair in BRACKET_PAIRS for t in pair}
-    ok = lambda t: t not in bracket_texts and single_id(tok, t) not in taken | {tok.unk_token_id}  # noqa: E731
-    names = [t for t in SLOT_NAMES if single_id(tok, t) is not None]
-    spare = [t.content for _, t in sorted(added.items()) if SLOT_RESERVED.search(t.content)]
-    yield from (t for t in names + spare + list(special.values()) if ok(t))
-    unk = tok.unk_token_id
-    if unk is not None and unk not in taken and unk not in tok(UNK_PROBE, add_special_tokens=False)['input_ids']:
-        yield tok.unk_token
-
-
-def special_ids(tok, slot_token=''):
-    """The token rules of a tokenizer: dict(eos, bos (None: no bos), slot, slot_token,
-    vision_start / vision_end (None: no bracket pair)). slot_token: '' chooses it (above)."""
-    name = tok.name_or_path
-    eos = None if tok.eos_token is None else single_id(tok, tok.eos_token)
-    if eos is None:
-        raise UserError(f"tokenizer '{name}' has no eos token (eos_token in its tokenizer_config.json): give the "
-                        f"LLM's own tokenizer, or set eos_token there")
-    bos = _bos_id(tok)
-    taken = {eos, bos, tok.pad_token_id, tok.bos_token_id} - {None}
-    if slot_token:
-        slot = single_id(tok, slot_token)
-        if slot is None or slot in taken:
-            why = 'is not one token of its vocabulary' if slot is None else 'is its bos, eos or pad token'
-            raise UserError(f"slot_token '{slot_token}' {why} for tokenizer '{name}': give an existing special token "
-                            f"that is none of those")
-    else:
-        slot_token = next(_slot_candidates(tok, taken), None)
-        if slot_token is None:
-            raise UserError(f"tokenizer '{name}' has no special token free for the image slots (its special tokens "
-                            f"are all bos/eos/pad, and its unknown token can come from text): give one with "
-                            f"--slot_token=TOKEN (prepare_llava.py), a rare single token that captions do not use")
-        slot = single_id(tok, slot_token)
-    pair = next(((a, b) for a, b in BRACKET_PAIRS if None not in (single_id(tok, a), single_id(tok, b))
-                 and slot not in (single_id(tok, a), single_id(tok, b))), (None, None))
-    return dict(eos=eos, bos=bos, slot=slot, slot_token=slot_token,
-                vision_start=single_id(tok, pair[0]) if pair[0] else None,
-                vision_end=single_id(tok, pair[1]) if pair[1] else None)
-
-
-def control_ids(ids):
-    """The ids a caption must never contain: they steer the sequence, not describe the image."""
-    return {ids[k] for k in ('eos', 'bos', 'slot', 'vision_start', 'vision_end') if ids.get(k) is not None}
+    def forward(self, feats):
+        # Features arrive in the backbone's dtype (bf16 on a GPU) and the weights here are fp32
+        # master weights: casting up keeps the residual stream x in fp32 (under autocast the
+        # matmuls still run in bf16).
+        ctx = self.proj_in(self.vision_ln(feats.to(self.proj_in.weight.dtype)))
+        x = self.latents.expand(feats.shape[0], -1, -1)
+        for block in self.blocks:
+            x = block(x, ctx)
+        y = self.projector(self.norm_out(x))
+        if self.out_gain is not None:
+            y = F.rms_norm(y, (y.shape[-1],)) * self.out_gain
+        return y
 
 # -----------------------------------------------------------------------------
 # The VLM: frozen backbones + connector
+
+
+def eager():
+    """Compiled blocks run eagerly inside this context: generation (a KV cache, one more graph
+    per layer index) and the text-only checks would otherwise spend the recompile budget that
+    training needs (past it, dynamo silently runs everything eager)."""
+    return torch.compiler.set_stance('force_eager')
 
 
 class VLM(nn.Module):
@@ -223,11 +130,10 @@ class VLM(nn.Module):
     def __init__(self, vision, llm, connector, ids, image_spec, drop_cls=False, brackets=None):
         super().__init__()
         self.vision, self.llm, self.connector = vision, llm, connector
-        self.ids = ids  # the tokenizer's token rules (special_ids)
-        self.slot_id, self.eos_id, self.bos_id = ids['slot'], ids['eos'], ids['bos']
+        self.slot_id, self.eos_id, self.bos_id = ids['slot'], ids['eos'], ids['bos']  # sources/tokens.py
         self.image_spec, self.drop_cls = image_spec, drop_cls
         self.brackets = brackets  # (start_id, end_id) around each image's slots, or None
-        self.grad_checkpointing = False
+        self.grad_checkpointing, self.compiled = False, []
         self.register_buffer('pix_mean', torch.tensor(image_spec['mean']).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer('pix_std', torch.tensor(image_spec['std']).view(1, 3, 1, 1) * 255, persistent=False)
 
@@ -271,17 +177,27 @@ class VLM(nn.Module):
         """torch.compile each repeated block of the backbones (every entry of their layer lists)
         and the connector, not each backbone whole: the 36 decoder layers share one compiled
         graph, so compiling costs one layer's time instead of minutes, and the causal mask is
-        still built eagerly outside the graphs, where SDPA keeps its flash kernel."""
+        still built eagerly outside the graphs, where SDPA keeps its fused kernel. dynamic=True:
+        one graph serves every sequence length and batch size (length-grouped batches change
+        both), instead of a recompile for the second of each."""
         def blocks(module):
             for child in module.children():
                 if isinstance(child, nn.ModuleList):
                     yield from child
                 else:
                     yield from blocks(child)
-        for block in [*blocks(self.llm), *blocks(self.vision)]:
-            block.compile(backend=backend)
-        self.connector.compile(backend=backend)
+        self.compiled = [*blocks(self.llm), *blocks(self.vision), self.connector]
+        for block in self.compiled:
+            block.compile(backend=backend, dynamic=True)
         return self
+
+    def recompiles(self):
+        """(graphs compiled beyond the first of each compiled function, whether one of them
+        hit dynamo's recompile limit, past which it runs eagerly)."""
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+        entries = [len(_debug_get_cache_entry_list(code)) for code in {b.forward.__code__ for b in self.compiled}]
+        limit = getattr(torch._dynamo.config, 'recompile_limit', None) or torch._dynamo.config.cache_size_limit
+        return sum(max(0, n - 1) for n in entries), any(n >= limit for n in entries)
 
     def encode_images(self, images):
         """uint8 [M, 3, H, W] -> patch features [M, P, Dv]. Normalising here, on the device,
@@ -301,7 +217,12 @@ class VLM(nn.Module):
         emb = self.llm.get_input_embeddings()(input_ids)
         if images is None or images.shape[0] == 0:
             return emb
-        vis = (self.connector if connector is None else connector)(self.encode_images(images))
+        feats = self.encode_images(images)
+        # autocast around the connector alone: its fp32 master weights run their matmuls in the
+        # backbones' bf16; the frozen backbones are bf16 already, and autocast around them
+        # would only add casts (norms and softmax to fp32)
+        with torch.autocast(feats.device.type, dtype=emb.dtype, enabled=emb.dtype != torch.float32):
+            vis = (self.connector if connector is None else connector)(feats)
         slots = (input_ids == self.slot_id).unsqueeze(-1)
         return emb.masked_scatter(slots, vis.to(emb.dtype))
 
@@ -325,9 +246,9 @@ class VLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, images, prompts, max_new_tokens=64, temperature=0.0, top_p=1.0, generator=None):
-        """Batched generation from inputs_embeds. prompts: list of token-id lists (slots
-        included); images ordered as in training. Prompts are left-padded so they all end
-        at the same position. Returns one list of new token ids per prompt, eos excluded."""
+        """Batched generation from inputs_embeds, eager (see eager()). prompts: list of token-id
+        lists (slots included); images ordered as in training. Prompts are left-padded so they
+        all end at the same position. Returns one list of new token ids per prompt, eos excluded."""
         device = self.pix_mean.device
         B, L = len(prompts), max(len(p) for p in prompts)
         ids = torch.full((B, L), self.eos_id, dtype=torch.long)
@@ -341,25 +262,26 @@ class VLM(nn.Module):
         if n_slots != n_vis:
             raise ValueError(f'{n_slots} slot positions but {n_vis} image vectors')
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.llm(inputs_embeds=self.embed(images, ids), attention_mask=mask, position_ids=pos,
-                       use_cache=True, logits_to_keep=1)
-        # transformers >= 5.24 names the KV cache `cache`; earlier releases `past_key_values`
-        cache_key = 'cache' if 'cache' in out else 'past_key_values'
-        past, logits = out[cache_key], out.logits[:, -1]
-        done = torch.zeros(B, dtype=torch.bool, device=device)
         new = []
-        for _ in range(max_new_tokens):
-            nxt = sample_next(logits.float(), temperature, top_p, generator)
-            nxt = torch.where(done, torch.full_like(nxt, self.eos_id), nxt)
-            new.append(nxt)
-            done |= nxt == self.eos_id
-            if bool(done.all()):
-                break
-            mask = torch.cat([mask, (~done).long()[:, None]], dim=1)
-            pos = pos[:, -1:] + 1
-            out = self.llm(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
-                           **{cache_key: past})
+        with eager():
+            out = self.llm(inputs_embeds=self.embed(images, ids), attention_mask=mask, position_ids=pos,
+                           use_cache=True, logits_to_keep=1)
+            # transformers >= 5.24 names the KV cache `cache`; earlier releases `past_key_values`
+            cache_key = 'cache' if 'cache' in out else 'past_key_values'
             past, logits = out[cache_key], out.logits[:, -1]
+            done = torch.zeros(B, dtype=torch.bool, device=device)
+            for _ in range(max_new_tokens):
+                nxt = sample_next(logits.float(), temperature, top_p, generator)
+                nxt = torch.where(done, torch.full_like(nxt, self.eos_id), nxt)
+                new.append(nxt)
+                done |= nxt == self.eos_id
+                if bool(done.all()):
+                    break
+                mask = torch.cat([mask, (~done).long()[:, None]], dim=1)
+                pos = pos[:, -1:] + 1
+                out = self.llm(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
+                               **{cache_key: past})
+                past, logits = out[cache_key], out.logits[:, -1]
         toks = torch.stack(new, 1).tolist() if new else [[] for _ in range(B)]
         return [t[:t.index(self.eos_id)] if self.eos_id in t else t for t in toks]
 
@@ -381,18 +303,25 @@ def lm_logits(llm, h):
     return logits
 
 
+def probe_logits(llm, n=6):
+    """The LLM's own logits on n fixed tokens spread over its vocabulary: taken once when it is
+    built (llm.probe), they are what the report's frozen-LLM check compares against later."""
+    table = llm.get_input_embeddings()
+    ids = torch.arange(n, device=table.weight.device)[None] * (table.num_embeddings // n)
+    return ids, llm(input_ids=ids, use_cache=False).logits.float()
+
+
 @torch.no_grad()
-def check_head(llm, n=6):
+def check_head(llm):
     """The caption-only head (decoder + lm_logits) must give the LLM's own logits: a family
     that post-processes its logits in a way lm_logits does not know would otherwise train on a
     wrong loss, silently. One forward pass of a few tokens, once per build."""
     p = next(llm.parameters())
     if p.device.type == 'meta':
         return
-    table = llm.get_input_embeddings()
-    emb = table(torch.arange(n, device=p.device)[None] * (table.num_embeddings // n))
-    own = llm(inputs_embeds=emb, use_cache=False).logits.float()
-    ours = lm_logits(llm, llm.get_decoder()(inputs_embeds=emb, use_cache=False).last_hidden_state)
+    ids, own = probe_logits(llm)
+    llm.probe = (ids, own)
+    ours = lm_logits(llm, llm.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state)
     tol = 1e-3 if p.dtype == torch.float32 else 5e-2
     err = float((own - ours).abs().max() / own.abs().max().clamp(min=1e-6))
     if not err <= tol:
@@ -410,139 +339,12 @@ def sample_next(logits, temperature, top_p, generator=None):
         keep = sp.cumsum(-1) - sp < top_p  # always keeps the most likely token
         sp = sp * keep
         probs = torch.zeros_like(probs).scatter(-1, si, sp)
-    # the generator lives on the logits' device (sample.py, evaluate): drawing there keeps the
-    # vocabulary-sized distribution off the host, one token per row per step
+    # the generator lives on the logits' device: drawing there keeps the vocabulary-sized
+    # distribution off the host, one token per row per step
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 # -----------------------------------------------------------------------------
 # Builders
-
-
-def backbone_config(name, tiny):
-    """The transformers config of a 'tiny' / 'random:' backbone: the tiny preset, one of the
-    known configs, or a local dir's / the hub's config.json."""
-    from transformers import AutoConfig
-    kind, base = parse_backbone(name)
-    if kind == 'tiny' or base in KNOWN_CONFIGS:
-        d = dict(tiny if kind == 'tiny' else KNOWN_CONFIGS[base])
-        return AutoConfig.for_model(d.pop('model_type'), **d)
-    return _from_pretrained(AutoConfig, base, 'config')
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    """No progress bars and no loading tables: weights the model does not use (the text half
-    of a SigLIP checkpoint) are expected; missing ones are checked by _from_pretrained."""
-    from transformers.utils import logging
-    logging.disable_progress_bar()
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(verbosity)
-
-
-def _from_pretrained(cls, name, what, device=None, **kw):
-    """from_pretrained from a local dir or the cache, else the hub; one line on failure. A
-    backbone must find every one of its weights in the checkpoint: a silently random part
-    of a frozen model would waste a whole run. Weights load straight onto `device`
-    (device_map): going through host memory first would cost every rank a full copy of the
-    LLM in RAM (8 ranks x 16 GB) and twice the load time."""
-    if not os.path.isdir(name) and (name.startswith(('/', '.', '~')) or name.count('/') > 1):
-        raise UserError(f"cannot load {what} '{name}': no such directory (a hub id looks like 'org/name')")
-    weights = what in ('llm', 'vision')
-    if device is not None:
-        kw['device_map'] = str(torch.device(device))
-
-    def load(local):
-        with _quiet_transformers():
-            return cls.from_pretrained(name, local_files_only=local, **kw,
-                                       **(dict(output_loading_info=True) if weights else {}))
-    try:  # local first: no network needed, no retries
-        out = load(True)
-    except (OSError, ValueError, ImportError) as e:
-        out, why = None, first_line(e)
-    if out is None and os.path.isdir(name):  # a folder on this disk: no download would help
-        raise UserError(f"cannot load {what} from the folder '{name}': {why}")
-    if out is None:
-        if not hub_reachable():
-            why = 'not in the local Hugging Face cache, and the hub is unreachable'
-        else:
-            try:
-                out = load(False)
-            except (OSError, ValueError, ImportError) as e:
-                why = first_line(e)
-    if out is None:
-        hint = f", or {what}='random:{name}' for random weights" if weights else ''
-        raise UserError(f"cannot load {what} '{name}' ({why}); download it on a connected machine "
-                        f"(`hf download {name}`) and give its local directory{hint}")
-    if not weights:
-        return out
-    model, info = out
-    if info.get('missing_keys'):
-        missing = sorted(info['missing_keys'])
-        raise UserError(f"{what} '{name}' lacks {len(missing)} of its weights ({missing[0]}, ...): the checkpoint "
-                        f"does not match its config.json")
-    return model
-
-
-@contextlib.contextmanager
-def seeded(device, seed=0):
-    """Random backbones are drawn from a fixed seed: a checkpoint trained on 'tiny' or
-    'random:...' backbones only means something with the very same frozen weights, so
-    sample.py and resume must rebuild them identically."""
-    device = torch.device(device)
-    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
-        torch.manual_seed(seed)
-        yield
-
-
-def _random_backbone(auto_cls, cfg, dtype, device, attn_implementation):
-    cfg._attn_implementation = attn_implementation
-    with seeded(device), torch.device(device):
-        return auto_cls.from_config(cfg, dtype=dtype)
-
-
-def build_llm(name, dtype=torch.float32, device='cpu', attn_implementation='sdpa', vocab_size=None):
-    from transformers import AutoModelForCausalLM
-    kind, base = parse_backbone(name)
-    if kind == 'pretrained':
-        llm = _from_pretrained(AutoModelForCausalLM, base, 'llm', dtype=dtype, device=device,
-                               attn_implementation=attn_implementation)
-    else:
-        cfg = backbone_config(name, TINY_LLM)
-        if kind == 'tiny':
-            cfg.vocab_size = vocab_size or 256
-        llm = _random_backbone(AutoModelForCausalLM, cfg, dtype, device, attn_implementation)
-    llm.eval().requires_grad_(False)
-    check_head(llm)
-    llm.frozen_fingerprint = weights_fingerprint(llm)  # for evaluate.llm_untouched
-    return llm
-
-
-@torch.no_grad()
-def weights_fingerprint(module):
-    """{name: (sum, sum of squares)} of every weight, in float64, computed where the weights
-    live: comparing two of them tells whether any weight changed, without a second copy."""
-    return {n: (float(p.sum(dtype=torch.float64)), float(torch.linalg.vector_norm(p, dtype=torch.float64)))
-            for n, p in module.named_parameters() if p.device.type != 'meta'}
-
-
-def build_vision(name, dtype=torch.float32, device='cpu', attn_implementation='sdpa'):
-    from transformers import AutoModel
-    kind, base = parse_backbone(name)
-    # a full SigLIP/CLIP config (text + vision): keep the vision half, and from a full
-    # checkpoint load only the vision tower's weights
-    cfg = backbone_config(name, TINY_VISION)
-    cfg = getattr(cfg, 'vision_config', cfg)
-    if kind == 'pretrained':
-        cls = AutoModel._model_mapping[type(cfg)]
-        vision = _from_pretrained(cls, base, 'vision', dtype=dtype, device=device,
-                                  attn_implementation=attn_implementation)
-    else:
-        vision = _random_backbone(AutoModel, cfg, dtype, device, attn_implementation)
-    return vision.eval().requires_grad_(False)
 
 
 def truncate_vision(vision, feature_layer):
@@ -578,33 +380,31 @@ def embedding_rms(llm, chunk=8192):
     return math.sqrt(total / (n * emb.embedding_dim))
 
 
-def check_attention(attn_implementation, device):
-    """flash_attention_2 needs the flash-attn package and a CUDA GPU: one line before loading."""
-    if attn_implementation != 'flash_attention_2':
-        return
-    import importlib.util
-    if importlib.util.find_spec('flash_attn') is None:
-        raise UserError("attn_implementation='flash_attention_2' needs the flash-attn package (pip install flash-attn "
-                        "--no-build-isolation); or use attn_implementation='sdpa'")
-    if torch.device(device).type != 'cuda':
-        raise UserError(f"attn_implementation='flash_attention_2' runs on CUDA GPUs only, not on {device}; use 'sdpa'")
+def new_connector(args, vision_dim, llm_dim, out_rms, device='cpu'):
+    """A freshly initialised connector for the model keys `args` (fp32: its optimizer needs
+    fp32 master weights); out_rms: the gain's start (None without match_embed_scale)."""
+    with torch.device(device):
+        return Connector(vision_dim, llm_dim, n_latents=args['n_latents'], width=args['resampler_width'],
+                         depth=args['resampler_depth'], n_heads=args['resampler_heads'],
+                         mlp_ratio=args['resampler_mlp_ratio'], proj_hidden=args['proj_hidden'],
+                         dropout=args['proj_dropout'], vision_ln=args['vision_ln'], out_rms=out_rms)
 
 
 def build_vlm(args, tokenizer, device='cpu', dtype=torch.float32, connector_state=None,
               attn_implementation='sdpa'):
-    """args: the model keys (MODEL_KEYS). The connector is fp32 (its optimizer needs fp32
-    master weights); the backbones take `dtype` (bf16 on a GPU). attn_implementation ('sdpa',
-    'eager', 'flash_attention_2') is how the backbones compute attention, not part of the
-    model: a checkpoint trained with one runs with another."""
-    check_attention(attn_implementation, device)
+    """args: the model keys (MODEL_KEYS). The backbones take `dtype` (bf16 on a GPU).
+    attn_implementation ('sdpa', 'eager', 'flash_attention_2') is how the backbones compute
+    attention, not part of the model: a checkpoint trained with one runs with another."""
+    B.check_attention(attn_implementation, device)
     ids = special_ids(tokenizer, args.get('slot_token', ''))
     if args.get('image_brackets') and ids['vision_start'] is None:
         raise UserError(f"image_brackets=True but tokenizer '{tokenizer.name_or_path}' has no bracket pair "
                         f"({', '.join(' '.join(p) for p in BRACKET_PAIRS)}); set image_brackets=False")
-    vision = build_vision(args['vision'], dtype, device, attn_implementation)
+    vision = B.build_vision(args['vision'], dtype, device, attn_implementation)
     spec = image_spec(args['vision'], vision.config)
     truncate_vision(vision, args['vision_feature_layer'])
-    llm = build_llm(args['llm'], dtype, device, attn_implementation, vocab_size=len(tokenizer))
+    llm = B.build_llm(args['llm'], dtype, device, attn_implementation, vocab_size=len(tokenizer))
+    check_head(llm)
     if llm.get_input_embeddings().num_embeddings < len(tokenizer):
         raise UserError(f"tokenizer '{tokenizer.name_or_path}' has {len(tokenizer)} ids but the LLM's vocabulary "
                         f"has {llm.get_input_embeddings().num_embeddings}: prepare the data with the LLM's tokenizer")
@@ -612,12 +412,7 @@ def build_vlm(args, tokenizer, device='cpu', dtype=torch.float32, connector_stat
         out_rms = connector_state['out_gain'].float().mean().item()
     else:
         out_rms = embedding_rms(llm) if args['match_embed_scale'] else None
-    with torch.device(device):
-        connector = Connector(vision.config.hidden_size, llm.config.hidden_size, n_latents=args['n_latents'],
-                              width=args['resampler_width'], depth=args['resampler_depth'],
-                              n_heads=args['resampler_heads'], mlp_ratio=args['resampler_mlp_ratio'],
-                              proj_hidden=args['proj_hidden'], dropout=args['proj_dropout'],
-                              vision_ln=args['vision_ln'], out_rms=out_rms)
+    connector = new_connector(args, vision.config.hidden_size, llm.config.hidden_size, out_rms, device)
     if connector_state is not None:
         load_connector(connector, connector_state)
     drop_cls = vision.config.model_type.startswith('clip')  # CLIP prepends a CLS token; LLaVA drops it
@@ -625,7 +420,7 @@ def build_vlm(args, tokenizer, device='cpu', dtype=torch.float32, connector_stat
     return VLM(vision, llm, connector, ids, spec, drop_cls, brackets).to(device)
 
 # -----------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints (written by train.py, read here; exported by sample.py)
 
 
 def load_connector(connector, state):
@@ -661,48 +456,6 @@ def load_checkpoint(path, map_location='cpu'):
     # checkpoints from before a model key existed get its default
     ckpt['model_args'] = {**MODEL_DEFAULTS, **ckpt['model_args']}
     return ckpt
-
-
-def resolve_checkpoint(path):
-    """A checkpoint file, an exported connector folder, or an out_dir (its ckpt.pt)."""
-    if os.path.isdir(path) and not os.path.exists(os.path.join(path, 'connector_config.json')):
-        if os.path.exists(os.path.join(path, 'ckpt.pt')):
-            return os.path.join(path, 'ckpt.pt')
-        raise UserError(f'{path} holds neither a ckpt.pt nor an exported connector (connector_config.json)')
-    return path
-
-
-def from_checkpoint(path, device='cpu', dtype=torch.float32, attn_implementation='sdpa'):
-    """(model, tokenizer, ckpt) from a training checkpoint, an out_dir or an exported
-    connector folder."""
-    path = resolve_checkpoint(path)
-    if os.path.isdir(path):
-        from safetensors.torch import load_file
-        try:
-            with open(os.path.join(path, 'connector_config.json')) as f:
-                args = {**MODEL_DEFAULTS, **json.load(f)}
-            state = load_file(os.path.join(path, 'connector.safetensors'))
-        except Exception as e:
-            raise UserError(f'exported connector in {path} is unreadable ({first_line(e, 100)}); export it again '
-                            f'with sample.py --export') from None
-        ckpt = dict(model_args=args)
-    else:
-        ckpt = load_checkpoint(path)
-        args, state = ckpt['model_args'], ckpt['connector']
-    tok = load_tokenizer(args['tokenizer'])
-    model = build_vlm(args, tok, device, dtype, connector_state=state, attn_implementation=attn_implementation)
-    return model.eval(), tok, ckpt
-
-
-def export_connector(ckpt_path, out_dir):
-    """Connector weights as safetensors + a JSON of the model config: the artifact to share."""
-    from safetensors.torch import save
-    ckpt = load_checkpoint(resolve_checkpoint(ckpt_path))
-    tensors = {k: v.contiguous() for k, v in ckpt['connector'].items()}
-    atomic_write_bytes(os.path.join(out_dir, 'connector.safetensors'), save(tensors))
-    atomic_write_bytes(os.path.join(out_dir, 'connector_config.json'),
-                       json.dumps(ckpt['model_args'], indent=2).encode())
-    return out_dir
 
 
 def count_params(module):

@@ -11,16 +11,9 @@ images in a folder (images/) or still inside images.zip; a caption JSONL (1 or 2
 record, paths relative to the JSONL's folder); or tar shards (a folder of *.tar, a glob or a
 brace range) whose images are indexed in place and read from the tars at train time.
 
-Output in out_dir (the contract with data.py):
-  {train,val}_tokens.bin     uint32 caption token ids of the split, concatenated (no eos, no prompt)
-  {train,val}_index.npy      int64 [n, 4]: token offset, token length, image id 0, image id 1 (-1: none)
-  image_paths.npy            'S<n>' utf-8 paths relative to the image root (zip: member names; shards: tar/member)
-  image_locs.npy             shards: int64 [n_images, 3] shard number, byte offset, size
-  zip_locs.npy               images.zip: int64 [n_images, 3] member header offset, compressed size, method
-  images_packed.bin          --pack_images: every image's original bytes (or, with --pack_size, resized JPEGs)
-  images_packed_offsets.npy  int64 [n_images + 1]: byte offsets into images_packed.bin
-  meta.json                  tokenizer, eos/slot ids, image root (relative to out_dir) and kind, split
-                             sizes, golden val samples, filter counts, settings
+The output is flat, memory-mappable arrays plus meta.json, the contract with data.py (its
+files: docs/data.md), written so that an interrupted run never leaves a meta.json beside
+mismatched arrays.
 
 Cleaning: every record dropped is counted under the first rule it breaks, in RULES order.
 Nothing about one record is fatal.
@@ -36,8 +29,9 @@ import zipfile
 
 import numpy as np
 
-from common import Progress, UserError, first_line, hub_reachable, one_line_errors
-from images import check_image, existing_images, map_images, pack, zip_locations
+from configurator import (Progress, UserError, atomic_write_text, check_out_dir, first_line, hub_reachable,
+                          one_line_errors, space_error)
+from sources.images import check_images, image_ref, pack, zip_locations
 
 LLAVA_REPO = 'liuhaotian/LLaVA-Pretrain'
 LLAVA_JSON = 'blip_laion_cc_sbu_558k.json'
@@ -103,7 +97,7 @@ def parse_args(argv=None):
     opt('tokenizer', default=None, help="hub id, local dir or 'tiny'; default the default LLM's "
                                         "('tiny' with --synthetic, SmolLM2's with --synthetic --llm=smollm2)")
     opt('slot_token', default='', help="the existing token the image slots reuse; default: chosen for the tokenizer "
-                                       "(model.special_ids), e.g. Qwen's <|image_pad|>")
+                                       "(sources/tokens.py), e.g. Qwen's <|image_pad|>")
     opt('min_tokens', type=int, default=5)
     opt('max_tokens', type=int, default=60)
     opt('max_dups', type=int, default=None, help='keep at most k samples per normalised caption; 0: no limit. '
@@ -117,7 +111,7 @@ def parse_args(argv=None):
     opt('pack_images', action='store_true', help='also write all images into one file (implies --verify_images); '
                                                  'their original bytes, so the pixels are exactly the same')
     opt('pack_size', type=int, default=0, help='with --pack_images: resize to this size and re-encode as JPEG '
-                                               'q95 (2-3x faster to decode; pixels differ, see the README)')
+                                               'q95 (2-3x faster to decode; pixels differ: docs/data.md)')
     opt('workers', type=int, default=os.cpu_count() or 1)
     opt('synthetic', type=int, default=None, metavar='N', help='draw N images of shapes with exact captions, '
                                                                'prepare them, and pretrain the tiny demo LLM')
@@ -153,6 +147,9 @@ def parse_args(argv=None):
         raise UserError('give one input: --json, --shards or --synthetic')
     # packing must not meet an unreadable image after the sample set is fixed
     args.verify_images = args.verify_images or args.pack_images
+    for key in ('out_dir', 'data_dir') if synthetic else ('out_dir',):  # folders written to, before any work
+        if getattr(args, key):
+            check_out_dir(getattr(args, key), f'--{key}')
     return args
 
 # -----------------------------------------------------------------------------
@@ -259,32 +256,6 @@ def read_records(path, filters):
     print(f'read {len(records):,} records from {path} in {time.time() - t0:.1f}s')
     return captions, images, len(records)
 
-
-# what a shard problem counts as, among RULES (a duplicate member is not a lost record)
-SHARD_RULES = dict(corrupt_shard='corrupt_shard', bad_caption='malformed_text', no_caption='empty_caption',
-                   empty_image='zero_byte_image', no_image='malformed_keys', duplicate_key='malformed_keys')
-
-
-def read_shard_records(spec, filters):
-    """Records of WebDataset tar shards, indexed in place from their headers: (captions,
-    images, n_records, locations {image name: (shard, offset, size)}, shard paths relative to
-    their common folder, that folder)."""
-    from shards import index_shards
-    t0 = time.time()
-    try:
-        root, rel, samples, problems, n_missing = index_shards(spec)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    for reason in problems:
-        if reason in SHARD_RULES:
-            filters[SHARD_RULES[reason]] += 1
-    good = [s for s in samples if not _bad_text(s[2])]
-    filters['malformed_text'] += len(samples) - len(good)
-    n_records = len(samples) + sum(r in SHARD_RULES and r != 'corrupt_shard' for r in problems)
-    print(f'read {n_records:,} records from {len(rel):,} shards in {time.time() - t0:.1f}s'
-          + (f' ({n_missing} shards of the range do not exist)' if n_missing else ''))
-    return ([c.strip() or None for _, _, c in good], [(name,) for name, _, _ in good], n_records,
-            {name: loc for name, loc, _ in good}, rel, root)
 
 # -----------------------------------------------------------------------------
 # Text filters and tokenization
@@ -448,41 +419,10 @@ class Filter:
         self.counts[rule] += before - len(self.alive)
 
 
-def _ref(where, stored_name):
-    """What images.read_source takes: the stored name, or for shards its (shard, offset, size)."""
-    return where['locs'][stored_name] if where['kind'] == 'shards' else stored_name
-
-
-def _check_images(args, f, images, where):
-    """Existence (and, with --verify_images, decoding) of the alive records' images.
-    Returns {image name as given: name as stored (zip member name)}."""
-    if args.skip_image_check:
-        return {}
-    t0 = time.time()
-    names = list(dict.fromkeys(p for i in f.alive for p in images[i]))
-    stored = {n: n for n in names} if where['kind'] == 'shards' else \
-        existing_images(where['kind'], where['root'], names)
-    f.keep('missing_image', lambda i: all(p in stored for p in images[i]))
-    print(f'checked {len(names):,} image paths in {time.time() - t0:.1f}s')
-    if args.verify_images:
-        t0 = time.time()
-        todo = list(dict.fromkeys(stored[p] for i in f.alive for p in images[i]))
-        results = map_images(check_image, [_ref(where, n) for n in todo], where['kind'], where['root'],
-                             args.workers, 'verify images', shards=where['shards'])
-        bad = {n: why for n, why in zip(todo, results) if why}
-        # a record goes under the rule of its first bad image
-        why = {i: next(bad[stored[p]] for p in images[i] if stored[p] in bad)
-               for i in f.alive if any(stored[p] in bad for p in images[i])}
-        for rule in ('missing_image', 'zero_byte_image', 'undecodable_image', 'tiny_image', 'decompression_bomb'):
-            f.keep(rule, lambda i: why.get(i) != rule)
-        print(f'verified {len(todo):,} images in {time.time() - t0:.1f}s ({len(bad):,} bad)')
-    return stored
-
-
 def _clean(args, tok, ids, captions, images, where):
     """Every rule over the records; returns (Filter, token arrays of the distinct captions,
     record -> distinct caption id, image name -> stored name). ids: the tokenizer's token rules."""
-    from model import control_ids  # here: model.py imports torch, and errors before this should come fast
+    from sources.tokens import control_ids
     f = Filter(len(captions))
     allow_abs = args.allow_absolute_paths and where['source'] == 'jsonl'
     if where['kind'] != 'shards':
@@ -506,7 +446,7 @@ def _clean(args, tok, ids, captions, images, where):
     f.keep('special_tokens', lambda i: uid_of[i] not in bad_uid)
     f.keep('too_short', lambda i: n_tok[uid_of[i]] >= args.min_tokens)
     f.keep('too_long', lambda i: n_tok[uid_of[i]] <= args.max_tokens)
-    stored = _check_images(args, f, images, where)
+    stored = {} if args.skip_image_check else check_images(f, images, where, args.verify_images, args.workers)
     # duplicates last, so the first *usable* occurrence of a caption is the one kept
     if args.max_dups > 0:
         seen = {}
@@ -555,17 +495,19 @@ def _arrays(args, kept, images, stored, tokens, uid_of, where):
 def _prepare(args, source):
     t_start = time.time()
     where = resolve_inputs(args)
-    # the tokenizer is loaded only now: model.py pulls in torch/transformers (slow), and a
-    # missing-data error above should come fast
-    import model
-    tokenizer = args.tokenizer or model.DEFAULT_LLM
-    tok = model.load_tokenizer(tokenizer)
-    ids = model.special_ids(tok, args.slot_token)
+    # the tokenizer is loaded only now: transformers is slow to import, and a missing-data
+    # error above should come fast
+    from sources.backbones import DEFAULT_LLM, load_tokenizer
+    from sources.tokens import special_ids
+    tokenizer = args.tokenizer or DEFAULT_LLM
+    tok = load_tokenizer(tokenizer)
+    ids = special_ids(tok, args.slot_token)
     from data import TEMPLATE_B, encode_prompt
     encode_prompt(tok, TEMPLATE_B, 1, ids['slot'])  # a slot token the prompt text produces: one line, now
 
     pre = dict.fromkeys(RULES, 0)  # counted while reading
     if where['kind'] == 'shards':
+        from sources.shards import read_shard_records
         captions, images, n_records, where['locs'], where['shards'], where['root'] = \
             read_shard_records(args.shards, pre)
     else:
@@ -582,7 +524,7 @@ def _prepare(args, source):
     packed_tmp = None
     if args.pack_images:
         packed_tmp, arrays['images_packed_offsets.npy'] = pack(
-            where['out_dir'], [_ref(where, n) for n in names], where['kind'], where['root'], args.workers,
+            where['out_dir'], [image_ref(where, n) for n in names], where['kind'], where['root'], args.workers,
             args.pack_size, where['shards'])
     meta = dict(
         version=2, source=source or where['source'],
@@ -596,7 +538,6 @@ def _prepare(args, source):
         golden=golden(klen[val]), filters=f.counts, counts=dict(records=n_records, kept=int(len(kept))),
         min_tokens=args.min_tokens, max_tokens=args.max_tokens, max_dups=args.max_dups, seed=args.seed,
         val_ratio=args.val_ratio, qa_file=None)
-    from data import write_prepared  # here: data.py imports torch, and errors above should come fast
     write_prepared(where['out_dir'], arrays, meta, packed_tmp)
     print_table(f.counts, n_records, len(kept))
     print(f"wrote {where['out_dir']}: train {meta['splits']['train']:,} / val {meta['splits']['val']:,} samples, "
@@ -604,6 +545,47 @@ def _prepare(args, source):
           f"{len(arrays['train_tokens.bin']) + len(arrays['val_tokens.bin']):,} caption tokens, "
           f"in {time.time() - t_start:.1f}s")
     return meta, [images[kept[r]] for r in val]
+
+
+# -----------------------------------------------------------------------------
+# Writing: temp names first, then os.replace, meta.json last
+
+
+def write_prepared(out_dir, arrays, meta, packed_tmp=None):
+    """arrays: {file name: ndarray} (.bin raw, .npy np.save). An old meta.json is removed
+    before any old file is replaced, so an interrupted run leaves either the complete old
+    output or no meta.json at all, never a meta next to mismatched arrays. A full disk while
+    writing the temp files leaves the old output untouched and no temp file behind."""
+    os.makedirs(out_dir, exist_ok=True)
+    tmps = {'images_packed.bin': packed_tmp} if packed_tmp else {}
+    try:
+        for name, a in arrays.items():
+            tmps[name] = os.path.join(out_dir, name + '.tmp')
+            with open(tmps[name], 'wb') as f:
+                np.save(f, a) if name.endswith('.npy') else a.tofile(f)
+    except BaseException as e:
+        for tmp in tmps.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        err = space_error(e, os.path.join(out_dir, name))
+        if err:
+            raise err from None
+        raise
+    meta_path = os.path.join(out_dir, 'meta.json')
+    if os.path.exists(meta_path):
+        os.remove(meta_path)
+    for name, tmp in tmps.items():
+        os.replace(tmp, os.path.join(out_dir, name))
+    # an optional file of an earlier run that this one did not write would not match the new
+    # image ids (a pack, shard locations)
+    for stale in ('images_packed.bin', 'images_packed_offsets.npy', 'image_locs.npy', 'zip_locs.npy'):
+        if stale not in tmps and os.path.exists(os.path.join(out_dir, stale)):
+            os.remove(os.path.join(out_dir, stale))
+    write_meta(out_dir, meta)
+
+
+def write_meta(out_dir, meta):
+    atomic_write_text(os.path.join(out_dir, 'meta.json'), json.dumps(meta, indent=1))
 
 
 def print_table(filters, n_records, n_kept):
@@ -618,8 +600,8 @@ def main(argv=None):
     os.environ.setdefault('TOKENIZERS_PARALLELISM', 'true')
     args = parse_args(argv)
     if args.synthetic:
-        import synthetic
-        return synthetic.make(args, prepare)
+        from sources import synthetic
+        return synthetic.make(args, prepare, write_meta)
     return prepare(args)[0]
 
 

@@ -13,19 +13,18 @@ $ python sample.py --ckpt out/ckpt.pt --export connector/                 # safe
 --ckpt takes a checkpoint file, an out_dir (its ckpt.pt) or an exported connector folder.
 """
 import argparse
+import json
 import os
 import sys
 
 import torch
 
-import benchmarks
 import data
-import evaluate
 import model as M
-from common import UserError, one_line_errors, resolve_device
-from images import load_image
-
-IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif', '.tiff')
+from configurator import UserError, atomic_write_bytes, check_out_dir, first_line, one_line_errors, resolve_device
+from evaluation import benchmarks, evaluate
+from sources.backbones import load_tokenizer, seeded
+from sources.images import IMAGE_EXTS, load_image
 
 
 def parse_args(argv):
@@ -77,6 +76,9 @@ def parse_args(argv):
             raise UserError(f'--{key} must be >= 1, got {getattr(args, key)}')
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.num < 0:
         raise UserError('need --temperature >= 0, 0 < --top_p <= 1 and --num >= 0')
+    for key in ('out', 'export'):  # a folder to write in, checked before the model loads
+        if getattr(args, key):
+            check_out_dir(getattr(args, key), f'--{key}')
     return args
 
 
@@ -85,7 +87,8 @@ def expand_images(paths):
     out = []
     for p in paths:
         if os.path.isdir(p):
-            out += sorted(os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith(IMAGE_EXTS))
+            out += sorted(os.path.join(p, f) for f in os.listdir(p)
+                           if f.lower().rpartition('.')[2] in IMAGE_EXTS)
         elif os.path.exists(p):
             out.append(p)
         else:
@@ -105,18 +108,61 @@ def read_images(files, spec):
     return pixels, names, skipped
 
 
-def fresh_connector(vlm, model_args, device, seed):
-    """The connector as training initialises it (the baseline to compare with): a connector's
-    weights only, on the backbones already loaded (no second VLM)."""
-    from connector import Connector
-    args = dict(vlm.connector.args, out_rms=M.embedding_rms(vlm.llm) if model_args['match_embed_scale'] else None)
-    with M.seeded(device, seed), torch.device(device):
-        return Connector(**args).state_dict()
+def resolve_checkpoint(path):
+    """A checkpoint file, an exported connector folder, or an out_dir (its ckpt.pt)."""
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, 'connector_config.json')):
+        if os.path.exists(os.path.join(path, 'ckpt.pt')):
+            return os.path.join(path, 'ckpt.pt')
+        raise UserError(f'{path} holds neither a ckpt.pt nor an exported connector (connector_config.json)')
+    return path
+
+
+def from_checkpoint(path, device='cpu', dtype=torch.float32, attn_implementation='sdpa'):
+    """(model, tokenizer, ckpt) from a training checkpoint, an out_dir or an exported
+    connector folder (sample.py --export)."""
+    path = resolve_checkpoint(path)
+    if os.path.isdir(path):
+        from safetensors.torch import load_file
+        try:
+            with open(os.path.join(path, 'connector_config.json')) as f:
+                args = {**M.MODEL_DEFAULTS, **json.load(f)}
+            state = load_file(os.path.join(path, 'connector.safetensors'))
+        except Exception as e:
+            raise UserError(f'exported connector in {path} is unreadable ({first_line(e, 100)}); export it again '
+                            f'with sample.py --export') from None
+        ckpt = dict(model_args=args)
+    else:
+        ckpt = M.load_checkpoint(path)
+        args, state = ckpt['model_args'], ckpt['connector']
+    tok = load_tokenizer(args['tokenizer'])
+    model = M.build_vlm(args, tok, device, dtype, connector_state=state, attn_implementation=attn_implementation)
+    return model.eval(), tok, ckpt
+
+
+def untrained_connector(vlm, args, seed):
+    """The state of a connector as training initialises it, drawn from `seed`, on the
+    backbones already loaded: the baseline every trained connector is compared with."""
+    out_rms = M.embedding_rms(vlm.llm) if args['match_embed_scale'] else None
+    device = vlm.pix_mean.device
+    with seeded(device, seed):
+        c = M.new_connector(args, vlm.connector_args['vision_dim'], vlm.connector_args['llm_dim'], out_rms, device)
+    return c.state_dict()
+
+
+def export_connector(ckpt_path, out_dir):
+    """Connector weights as safetensors + a JSON of the model config: the artifact to share."""
+    from safetensors.torch import save
+    ckpt = M.load_checkpoint(resolve_checkpoint(ckpt_path))
+    tensors = {k: v.contiguous() for k, v in ckpt['connector'].items()}
+    atomic_write_bytes(os.path.join(out_dir, 'connector.safetensors'), save(tensors))
+    atomic_write_bytes(os.path.join(out_dir, 'connector_config.json'),
+                       json.dumps(ckpt['model_args'], indent=2).encode())
+    return out_dir
 
 
 def main_eval(args, vlm, tok, ckpt, device):
     model_args = dict(ckpt['model_args'], checkpoint=args.ckpt)
-    baseline = fresh_connector(vlm, ckpt['model_args'], device, args.seed) if args.untrained or \
+    baseline = untrained_connector(vlm, ckpt['model_args'], args.seed) if args.untrained or \
         args.baseline else None
     if args.untrained:  # the untrained connector alone
         vlm.connector.load_state_dict(baseline)
@@ -129,7 +175,7 @@ def main_eval(args, vlm, tok, ckpt, device):
         prepared = data.open_prepared(data.parse_data_dir(cfg['data_dir'])[0][0], cfg.get('image_root', ''))
     else:
         raise UserError('give --data_dir (the prepared dataset to evaluate on)')
-    ckpt_dir = os.path.dirname(os.path.abspath(M.resolve_checkpoint(args.ckpt)))
+    ckpt_dir = os.path.dirname(os.path.abspath(resolve_checkpoint(args.ckpt)))
     out = args.out or os.path.join(ckpt_dir, 'report')
     log_path = os.path.join(ckpt_dir, 'log.jsonl')
     m = evaluate.evaluate(vlm, tok, model_args, prepared, out, num=args.num, qa_path=args.qa,
@@ -146,12 +192,12 @@ def main_bench(args):
     b = benchmarks.read_benchmark(args.bench, args.ann, args.images, args.split, args.num)
     benchmarks.check_instances(args.instances)
     device, dtype = resolve_device(args.device, args.dtype)
-    vlm, tok, ckpt = M.from_checkpoint(args.ckpt, device, dtype, args.attn_implementation)
+    vlm, tok, ckpt = from_checkpoint(args.ckpt, device, dtype, args.attn_implementation)
     label = args.ckpt
     if args.untrained:  # the connector as training initialises it: the baseline for the scores
-        vlm.connector.load_state_dict(fresh_connector(vlm, ckpt['model_args'], device, args.seed))
+        vlm.connector.load_state_dict(untrained_connector(vlm, ckpt['model_args'], args.seed))
         label += ' (untrained connector)'
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(M.resolve_checkpoint(args.ckpt))), 'report',
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(resolve_checkpoint(args.ckpt))), 'report',
                                    args.bench)
     m = benchmarks.run_bench(vlm, tok, b, out, label, args.prompt, args.max_new_tokens, args.batch_size,
                              args.instances)
@@ -163,7 +209,7 @@ def main_bench(args):
 def main(argv):
     args = parse_args(argv)
     if args.export:
-        print(f'exported connector to {M.export_connector(args.ckpt, args.export)}')
+        print(f'exported connector to {export_connector(args.ckpt, args.export)}')
         return 0
     if args.bench:
         return main_bench(args)
@@ -171,7 +217,7 @@ def main(argv):
         raise UserError('give at least one --image (a file or a directory), or --eval')
     files = expand_images(args.image) if not args.eval else []
     device, dtype = resolve_device(args.device, args.dtype)
-    vlm, tok, ckpt = M.from_checkpoint(args.ckpt, device, dtype, args.attn_implementation)
+    vlm, tok, ckpt = from_checkpoint(args.ckpt, device, dtype, args.attn_implementation)
     if args.eval:
         return main_eval(args, vlm, tok, ckpt, device)
     pixels, names, skipped = read_images(files, vlm.image_spec)

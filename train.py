@@ -9,6 +9,7 @@ $ torchrun --standalone --nproc_per_node=8 train.py config/stage1_align.py
 DDP on several nodes (run on each, node_rank = 0..nnodes-1):
 $ torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 --nproc_per_node=8 train.py config/stage1_align.py
 """
+import datetime
 import json
 import math
 import os
@@ -21,13 +22,14 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-import benchmarks
 import data
-import evaluate
-import flops
 import model as M
-from common import atomic_torch_save, check_out_dir, autocast as autocast_for, first_line, one_line_errors, resolve_device
-from configurator import configure, require
+from configurator import (atomic_torch_save, check_out_dir, configure, first_line, one_line_errors, require,
+                          resolve_device)
+from evaluation import benchmarks, evaluate, report
+from gpu import flops
+from sources.backbones import load_tokenizer
+from sources.tokens import prepared_rules
 
 one_line_errors()
 # -----------------------------------------------------------------------------
@@ -62,7 +64,7 @@ min_lr_frac = 0.1  # cosine decays to this fraction of the peak
 eval_interval = 500
 eval_iters = 50  # val batches per eval and dataset (0: the whole val split)
 eval_controls = True  # also the val loss with the images shuffled and with no image: does the connector see?
-eval_bench = ''  # '', 'coco', 'nocaps' or 'flickr30k': also caption a benchmark subset at each eval (rank 0)
+eval_bench = ''  # '', 'coco', 'nocaps' or 'flickr30k': also caption a benchmark subset at each eval
 eval_bench_ann = ''  # its annotation file as distributed (dataset_coco.json, captions_val2014.json, ...)
 eval_bench_images = ''  # its image folder
 eval_bench_num = 500  # the first N images of its (test) split
@@ -78,17 +80,18 @@ wandb_run_name = ''
 # system
 device = 'auto'  # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'  # 'auto' (bf16 on GPU, fp32 on CPU), 'bfloat16', 'float32' (bf16 works on a CPU too)
-compile = False
+compile = False  # torch.compile of each backbone layer and the connector (model.VLM.compile_blocks)
 grad_checkpointing = False
 attn_implementation = 'sdpa'  # 'sdpa', 'eager', 'flash_attention_2'
 tf32 = True
+ddp_timeout = 1800  # seconds a rank waits in a collective before the run stops with an error
 seed = 1337
 # -----------------------------------------------------------------------------
 config = configure(globals(), sys.argv[1:])
 # every setting checked once, before any work: one line per mistake
 for _k in ('batch_size', 'gradient_accumulation_steps', 'eval_interval', 'log_interval', 'max_seq_len',
            'eval_max_new_tokens', 'n_latents', 'resampler_width', 'resampler_depth', 'resampler_heads',
-           'resampler_mlp_ratio', 'proj_hidden', 'max_nonfinite'):
+           'resampler_mlp_ratio', 'proj_hidden', 'max_nonfinite', 'ddp_timeout'):
     require(config[_k] > 0, f'{_k} must be a positive integer, got {config[_k]}')
 for _k in ('num_workers', 'eval_iters', 'sample_interval', 'eval_report_num', 'max_train_samples', 'weight_decay',
            'grad_clip', 'warmup_frac', 'min_lr_frac', 'multi_image_frac', 'proj_dropout', 'beta1', 'beta2'):
@@ -111,20 +114,20 @@ require(not eval_bench or (eval_bench_ann and eval_bench_images and eval_bench_n
         'eval_bench needs eval_bench_ann (the annotation file) and eval_bench_images (the image folder)')
 
 # DDP: torchrun sets RANK/WORLD_SIZE; each rank holds its own frozen backbones
-ddp = int(os.environ.get('RANK', -1)) != -1
+ddp, control_group = int(os.environ.get('RANK', -1)) != -1, None
 if ddp:
     backend = 'nccl' if torch.cuda.is_available() and device != 'cpu' else 'gloo'
-    dist.init_process_group(backend=backend)
+    timeout = datetime.timedelta(seconds=ddp_timeout)
+    dist.init_process_group(backend=backend, timeout=timeout)
     rank, local_rank, world_size = dist.get_rank(), int(os.environ['LOCAL_RANK']), dist.get_world_size()
     if backend == 'nccl':
         device = f'cuda:{local_rank}'
         torch.cuda.set_device(device)
-    control_group = dist.new_group(backend='gloo') if backend == 'nccl' else None  # host-side flags
+        control_group = dist.new_group(backend='gloo', timeout=timeout)  # host-side flags
 else:
     rank, local_rank, world_size = 0, 0, 1
 master = rank == 0
 device, ptdtype = resolve_device(device, dtype)
-autocast = autocast_for(device, ptdtype)
 if tf32 and device.type == 'cuda':
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 require(gradient_accumulation_steps % world_size == 0,
@@ -134,9 +137,9 @@ accum = gradient_accumulation_steps // world_size
 torch.manual_seed(seed + rank)
 
 
-def log(*a):
-    if master:
-        print(*a, flush=True)
+def log(*a, sep=' '):
+    if master and a:
+        print(*a, sep=sep, flush=True)
 
 
 # preemption: SIGTERM/SIGINT (a scheduler stops the whole process group) ask for a checkpoint
@@ -164,15 +167,8 @@ if eval_bench and master:  # read now: a wrong file fails in a second, not after
 tokenizer = tokenizer or meta['tokenizer']
 require(tokenizer == meta['tokenizer'], f"data in {data_dir} was tokenised with '{meta['tokenizer']}' but "
                                         f"tokenizer='{tokenizer}'; re-run prepare_llava.py --tokenizer={tokenizer}")
-tok = M.load_tokenizer(tokenizer)
-# the token rules the data was prepared with (meta.json; older data: the tokenizer's choice)
-slot_token = slot_token or meta.get('slot_token', '')
-ids = M.special_ids(tok, slot_token)
-slot_token = ids['slot_token']
-for _key, _want in (('slot', meta['slot_id']), ('eos', meta['eos_id']), ('bos', meta.get('bos_id', ids['bos']))):
-    require(ids[_key] == _want, f"data in {data_dir} was prepared with {_key} id {_want} but the tokenizer and "
-                                f"slot_token='{slot_token}' give {ids[_key]}; re-run prepare_llava.py with this "
-                                f"tokenizer (and --slot_token), or train with the data's settings")
+tok = load_tokenizer(tokenizer)
+slot_token = prepared_rules(tok, meta, slot_token, f'data in {data_dir}')['slot_token']  # the data's, checked
 model_args = {k: globals()[k] for k in M.MODEL_KEYS}
 config['tokenizer'], config['slot_token'] = tokenizer, slot_token
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
@@ -257,15 +253,12 @@ if ckpt:
     bad_total -= saved[0]  # counted again at the next log line, with the steps after the checkpoint
     if master:  # rank 0 carries the sums over all ranks
         unlogged = saved
-micro_pos = global_pos // world_size
-
-order.start = micro_pos
+order.start = global_pos // world_size
 pin = device.type == 'cuda'
 # packed rows: max_seq_len tokens each; under flash-attention one row per micro-batch (data.collate)
 row_len = None if attn_implementation == 'flash_attention_2' else max_seq_len
-train_loader = data.make_loader(data.Mixture(train_sets), order, packing, row_len, num_workers, meta['eos_id'],
-                                pin, seed)
-train_iter = iter(train_loader)
+train_iter = iter(data.make_loader(data.Mixture(train_sets), order, packing, row_len, num_workers, meta['eos_id'],
+                                   pin, seed))
 # val: a fixed order (the first samples of each dataset), each rank a share of the batches,
 # decoded by loader workers that exist only while an eval runs (at most 2 per rank: persistent
 # ones would sit idle between evals, a few hundred MB each, 8 ranks a node)
@@ -291,7 +284,7 @@ def estimate_loss():
     is None, never a number."""
     t0 = time.time()
     vlm.eval()
-    rows = [evaluate.control_loss_sums(vlm, vl, autocast, controls=eval_controls)[0] for vl in val_loaders]
+    rows = [evaluate.control_loss_sums(vlm, vl, controls=eval_controls)[0] for vl in val_loaders]
     sums = torch.tensor(rows, dtype=torch.float64, device=device)  # [sources, controls, (sum, tokens)]
     if ddp:
         dist.all_reduce(sums)
@@ -304,23 +297,13 @@ def estimate_loss():
     return out
 
 
-def rng_states():
-    """Every rank's RNG state (collective under DDP: every rank must call it)."""
-    state = dict(cpu=torch.get_rng_state(),
-                 cuda=torch.cuda.get_rng_state(device) if device.type == 'cuda' else None)
-    if not ddp:
-        return [state]
-    gathered = [None] * world_size
-    dist.all_gather_object(gathered, state)
-    return gathered
-
-
 def checkpoint_all_ranks(path):
     """Collective: every rank calls it (the RNG states are gathered); rank 0 writes the file,
     atomically (temp file, fsync, rename: a crash mid-write leaves the old file intact)."""
     if pending_nonfinite:
         settle_nonfinite()  # the saved count of skipped steps must be exact
-    rng = rng_states()
+    rng = evaluate.all_gather(dict(cpu=torch.get_rng_state(),  # every rank's
+                                   cuda=torch.cuda.get_rng_state(device) if device.type == 'cuda' else None))
     # what the steps since the last log line counted, so the total and the next log line of a
     # run resumed from a checkpoint between two log lines still count those steps
     counts = torch.tensor([bad_since_log, *source_counts], dtype=torch.float64, device=device)
@@ -335,22 +318,11 @@ def checkpoint_all_ranks(path):
             last_eval_iter=last_eval_iter, rng=rng), path)
 
 
-def trim_logs(upto_iter, upto_eval):
-    """On resume, drop the records of the steps that are about to be redone, so a plotted
-    curve has one point per step (and a torn last line from a kill is dropped too)."""
-    for name in ('log.jsonl', 'samples.jsonl'):
-        path = os.path.join(out_dir, name)
-        keep = [r for r in evaluate.read_log(path)
-                if r.get('iter', 0) <= (upto_eval if 'val_loss' in r or 'bench' in r else upto_iter)]
-        if os.path.exists(path):
-            with open(path, 'w') as f:
-                f.writelines(json.dumps(r) + '\n' for r in keep)
-
-
 if master:
     os.makedirs(out_dir, exist_ok=True)
-    if init_from == 'resume':
-        trim_logs(iter_num, last_eval_iter)
+    if init_from == 'resume':  # the records of the steps about to be redone go
+        for _name in ('log.jsonl', 'samples.jsonl'):
+            report.trim_log(os.path.join(out_dir, _name), iter_num, last_eval_iter)
     with open(os.path.join(out_dir, 'config.json'), 'w') as f:
         json.dump(config, f, indent=2)
     logf = open(os.path.join(out_dir, 'log.jsonl'), 'a')
@@ -362,77 +334,48 @@ log(f'data: {" + ".join(f"{name} {len(ds):,}" for (name, _, _), ds in zip(source
     f'{batch_size * gradient_accumulation_steps} samples/step; training {max_iters} steps')
 
 
-def write_log(rec):
+def write_log(rec, line=None):
+    """A record to log.jsonl (and wandb); `line` to the console."""
     if master:
         logf.write(json.dumps(rec) + '\n')
         logf.flush()
         if wandb_log:
             wandb.log(rec, step=rec['iter'])
-
-
-def sample_golden():
-    """Greedy captions for the golden val samples, appended to samples.jsonl. A failure here
-    is a warning: sample logs are worth less than the run."""
-    golden = [i for i in meta.get('golden', []) if i < len(val_sets[0])]
-    if not golden:
-        return
-    vlm.eval()
-    try:
-        rows, skipped = evaluate.caption_rows(vlm, tok, val_sets[0], golden, dict(max_new_tokens=eval_max_new_tokens),
-                                              batch_size, prefix='golden')
-        with open(os.path.join(out_dir, 'samples.jsonl'), 'a') as f:
-            for r in rows:
-                f.write(json.dumps(dict(iter=iter_num, id=r['id'], generation=r['generation'],
-                                        reference=r['references'][0])) + '\n')
-        for r in rows[:2]:
-            log(f'  sample {r["id"]}: {r["generation"]!r}  (ref: {r["references"][0]!r})')
-        if skipped:
-            log(f'  warning: {skipped} golden samples skipped (unreadable images)')
-    except Exception as e:
-        log(f'  warning: golden-set sampling failed at iter {iter_num} ({type(e).__name__}: {first_line(e)}); '
-            f'training goes on')
-    vlm.train()
+        if line:
+            print(line, flush=True)
 
 
 def log_eval(ev, improved):
-    """One console line and one log.jsonl record per eval. The shuffled / no-image losses
-    tell a connector that sees (val loss far below both) from a soft prompt (val loss equal
-    to the shuffled one)."""
-    loss = ev['loss']
-    line = f'eval {iter_num}: val loss {loss:.4f} | caption ppl {math.exp(min(loss, 50)):.2f}'
-    if ev.get('shuffled') is not None:
-        line += f' | shuffled images {ev["shuffled"]:.4f} (x{loss / ev["shuffled"]:.2f})'
-    if ev.get('no_image') is not None:
-        line += f' | no image {ev["no_image"]:.4f}'
-    if len(sources) > 1:
-        line += ' | ' + ' | '.join(f'{k} {v:.4f}' for k, v in ev['by_source'].items())
-    log(line + f' | {ev["seconds"]:.1f}s' + (' (best)' if improved and iter_num > 0 else ''))
-    rec = dict(iter=iter_num, val_loss=loss, val_ppl=math.exp(min(loss, 50)), val_tokens=ev['tokens'],
-               eval_s=ev['seconds'])
-    if ev.get('shuffled') is not None:
-        rec['val_loss_shuffled'] = ev['shuffled']
-    if ev.get('no_image') is not None:
-        rec['val_loss_no_image'] = ev['no_image']
-    if len(sources) > 1:
-        rec['val_loss_by_source'] = ev['by_source']
-    write_log(rec)
+    """The console line and the log.jsonl record of an eval, from one dict."""
+    rec = dict(iter=iter_num, val_loss=ev['loss'], val_ppl=math.exp(min(ev['loss'], 50)), val_tokens=ev['tokens'],
+               **{f'val_loss_{k}': ev[k] for k in ('shuffled', 'no_image') if ev.get(k) is not None},
+               **(dict(val_loss_by_source=ev['by_source']) if len(sources) > 1 else {}), eval_s=ev['seconds'])
+    line = f'eval {iter_num}: val loss {ev["loss"]:.4f} | caption ppl {rec["val_ppl"]:.2f}'
+    if 'val_loss_shuffled' in rec:  # a connector that sees has the val loss far below both controls
+        line += f' | shuffled images {rec["val_loss_shuffled"]:.4f} (x{ev["loss"] / rec["val_loss_shuffled"]:.2f})'
+    line += f' | no image {rec["val_loss_no_image"]:.4f}' if 'val_loss_no_image' in rec else ''
+    line += ''.join(f' | {k} {v:.4f}' for k, v in rec.get('val_loss_by_source', {}).items())
+    write_log(rec, line + f' | {ev["seconds"]:.1f}s' + (' (best)' if improved and iter_num > 0 else ''))
+
+
+def sample_golden():
+    """Greedy captions of the golden val samples into samples.jsonl, each rank its share."""
+    vlm.eval()
+    log(*evaluate.sample_golden(vlm, tok, val_sets[0], meta.get('golden', []), os.path.join(out_dir, 'samples.jsonl'),
+                                iter_num, eval_max_new_tokens, batch_size, rank, world_size), sep='\n')
+    vlm.train()
 
 
 def bench_eval():
-    """Caption eval_bench_num images of a captioning benchmark and log its scores (CIDEr,
-    BLEU-4, ...) beside the val loss. A failure is a warning: the run goes on."""
+    """Caption eval_bench_num images of a captioning benchmark, spread over the ranks, and log
+    its scores (CIDEr, BLEU-4, ...) beside the val loss. A failure is a warning."""
     try:
         m = benchmarks.evaluate_bench(vlm, tok, eval_bench, eval_bench_ann, eval_bench_images, eval_bench_num,
-                                      batch_size, max_new_tokens=eval_max_new_tokens)
+                                      batch_size, max_new_tokens=eval_max_new_tokens, rank=rank, world_size=world_size)
+        if master:
+            write_log(*benchmarks.log_entry(m, eval_bench, iter_num))
     except Exception as e:
-        log(f'  warning: {eval_bench} at iter {iter_num} failed ({type(e).__name__}: {first_line(e)}); training '
-            f'goes on')
-        return
-    scores = {k: m[k] for k in ('CIDEr', 'Bleu_4', 'ROUGE_L') if isinstance(m.get(k), (int, float))}
-    log(f'  {eval_bench} ({eval_bench_num} images): ' + ' | '.join(f'{k} {v:.3f}' for k, v in scores.items())
-        + f' | {m["seconds"]:.0f}s')
-    write_log(dict(iter=iter_num, bench=eval_bench, **{f'bench_{k}': v for k, v in scores.items()},
-                   bench_s=m['seconds']))
+        log(f'  warning: {eval_bench} at iter {iter_num} failed ({first_line(e)}); training goes on')
 
 
 # a dataset prepared without a val split has no val loss: say so once, and never let an
@@ -460,8 +403,8 @@ def settle_nonfinite():
             continue
         consecutive_nonfinite += 1
         nonfinite_total += 1
-        log(f'iter {it}: non-finite loss/grad, step skipped ({consecutive_nonfinite} in a row)')
-        write_log(dict(iter=it, skipped='non-finite', nonfinite_total=nonfinite_total))
+        write_log(dict(iter=it, skipped='non-finite', nonfinite_total=nonfinite_total),
+                  f'iter {it}: non-finite loss/grad, step skipped ({consecutive_nonfinite} in a row)')
         if consecutive_nonfinite >= max_nonfinite:
             checkpoint_all_ranks(os.path.join(out_dir, 'ckpt_last_good.pt'))
             require(False, f'{consecutive_nonfinite} non-finite steps in a row at iter {it}; stopped. The last good '
@@ -469,13 +412,16 @@ def settle_nonfinite():
                            f'then resume')
 
 
+peak = flops.peak_bf16(torch.cuda.get_device_name(device)) if device.type == 'cuda' else None  # for MFU
+
 # -----------------------------------------------------------------------------
 # the loop
 vlm.train()
 consecutive_nonfinite, bad_since_log, source_counts = 0, unlogged[0], unlogged[1:]
-peak = flops.peak_flops(device)
 t_start, it_start = time.time(), iter_num
+t_log, work = time.time(), dict.fromkeys(('steps', 'samples', 'tokens', 'flops', 'data_s', 'pause_s'), 0)
 while True:
+    t_pause = time.time()  # evals and golden sampling are no part of the steps' rates
     # a checkpoint written right after an eval resumes without redoing it; a preemption
     # checkpoint (written before its step's eval) does not
     resumed_here = iter_num == last_eval_iter
@@ -489,7 +435,7 @@ while True:
                 improved = ev['loss'] < best_val_loss
                 best_val_loss = min(best_val_loss, ev['loss'])
                 log_eval(ev, improved)
-        if eval_bench and master:
+        if eval_bench:
             bench_eval()
         last_eval_iter = iter_num
         if iter_num > 0 and (always_save_checkpoint or improved or iter_num >= max_iters):
@@ -497,12 +443,12 @@ while True:
             if improved and master:
                 shutil.copyfile(ckpt_path, ckpt_path + '.best.tmp')
                 os.replace(ckpt_path + '.best.tmp', os.path.join(out_dir, 'ckpt_best.pt'))
-    if sample_interval and iter_num % sample_interval == 0 and iter_num > 0 and master and not resumed_here:
+    if sample_interval and iter_num % sample_interval == 0 and iter_num > 0 and not resumed_here:
         sample_golden()
+    work['pause_s'] += time.time() - t_pause
     if iter_num >= max_iters:
         break
 
-    t0 = time.time()
     lr = get_lr(iter_num)
     for g in optimizer.param_groups:
         g['lr'] = lr
@@ -511,9 +457,8 @@ while True:
     # token weighs the same whatever micro-batch or rank it landed in
     td = time.time()
     batches = [next(train_iter) for _ in range(accum)]
-    t_data = time.time() - td
+    work['data_s'] += time.time() - td
     global_pos += accum * world_size
-    micro_pos = global_pos // world_size
     n_targets = sum(b['n_targets'] for b in batches)
     n_step = float(n_targets)  # caption tokens in the step; under DDP summed over the ranks, on the device
     if ddp:  # from pinned memory, non-blocking: no wait for the GPU's queue
@@ -523,17 +468,12 @@ while True:
     for micro, batch in enumerate(batches):
         images, input_ids, target_pos, target_ids, position_ids = data.to_device(batch, device)
         # sync connector gradients across ranks only on the last micro-step
-        sync = not ddp or micro == accum - 1
-        with (nullcontext() if sync else train_connector.no_sync()), autocast:
+        with nullcontext() if not ddp or micro == accum - 1 else train_connector.no_sync():
             loss = vlm(images, input_ids, target_pos, target_ids, position_ids=position_ids, reduction='sum',
                        connector=train_connector)
-        # DDP averages gradients over ranks; x world_size makes that the token mean over all
-        (loss * (world_size / n_step)).backward()
+            # DDP averages gradients over ranks; x world_size makes that the token mean over all
+            (loss * (world_size / n_step)).backward()
         loss_sum += loss.detach()
-    bad_since_log += sum(b['n_bad'] for b in batches)
-    for b in batches:
-        for s in b['sources']:
-            source_counts[s] += 1
     # grad_clip=0: no clipping, but the norm is still measured (and logged)
     grad_norm = torch.nn.utils.clip_grad_norm_(connector.parameters(), grad_clip or float('inf'))
     # a non-finite step never reaches the weights. Grads are all-reduced, so every rank sees the
@@ -547,10 +487,20 @@ while True:
     optimizer.zero_grad(set_to_none=True)
     iter_num += 1
     pending_nonfinite.append((iter_num, nonfinite))
+    bad_since_log += sum(b['n_bad'] for b in batches)
+    for b in batches:
+        for s in b['sources']:
+            source_counts[s] += 1
+    work['steps'] += 1
+    work['samples'] += sum(b['n_samples'] for b in batches) * world_size
+    work['tokens'] += sum(b['n_tokens'] for b in batches) * world_size
+    if peak:
+        work['flops'] += sum(flops.batch_flops(vlm, b['images'].shape[0], b['sample_lens'], b['n_targets'])
+                             for b in batches) * world_size
 
     if iter_num % log_interval == 0 or iter_num == max_iters:
         settle_nonfinite()
-        if ddp:  # all ranks' tokens and bad images, not rank 0's share
+        if ddp:  # all ranks' bad images and samples per source, not rank 0's share
             counts = torch.tensor([bad_since_log, *source_counts], dtype=torch.float64, device=device)
             dist.all_reduce(counts)
             dist.all_reduce(loss_sum)
@@ -559,28 +509,33 @@ while True:
         lossf = (loss_sum / n_step).item()  # token mean over the step; the sync point, only on log steps
         if device.type == 'cuda':
             torch.cuda.synchronize()
-        dt = time.time() - t0
-        samples = sum(b['n_samples'] for b in batches) * world_size
-        step_flops = flops.flops_per_batch(vlm, sum(b['images'].shape[0] for b in batches),
-                                       [n for b in batches for n in b['sample_lens']], n_targets) * world_size
+        # rates over every step since the last log line (evals and golden sampling left out)
+        dt = time.time() - t_log - work['pause_s']
         per_step = (time.time() - t_start) / (iter_num - it_start)
-        eta = per_step * (max_iters - iter_num)
-        eta_epoch = per_step * (order.per_epoch - micro_pos % order.per_epoch) / accum
-        mfu = step_flops / dt / (peak * world_size) if peak else None
-        rec = dict(iter=iter_num, loss=lossf, lr=lr, grad_norm=float(grad_norm), dt_ms=dt * 1000,
-                   samples_per_s=samples / dt, tokens_per_s=sum(b['n_tokens'] for b in batches) * world_size / dt,
-                   mfu=mfu, data_wait=t_data / dt, eta_s=eta, eta_epoch_s=eta_epoch, epoch=micro_pos / order.per_epoch,
-                   bad_images=bad_since_log, bad_images_total=bad_total)
+        rec = dict(iter=iter_num, loss=lossf, lr=lr, grad_norm=float(grad_norm), dt_ms=dt / work['steps'] * 1000,
+                   samples_per_s=work['samples'] / dt, tokens_per_s=work['tokens'] / dt,
+                   mfu=work['flops'] / dt / (peak * world_size) if peak else None, data_wait=work['data_s'] / dt,
+                   eta_s=per_step * (max_iters - iter_num),
+                   eta_epoch_s=per_step * (order.per_epoch - (global_pos // world_size) % order.per_epoch) / accum,
+                   epoch=global_pos / world_size / order.per_epoch, bad_images=bad_since_log,
+                   bad_images_total=bad_total)
+        if device.type == 'cuda':  # the peak since the start, for the GPU check
+            rec['mem_gib'] = torch.cuda.max_memory_allocated(device) / 2**30
+        if compile:
+            rec['recompiles'], limit_hit = vlm.recompiles()
+            if limit_hit:
+                log('warning: torch.compile hit its recompile limit: the blocks past it run eagerly')
         if len(sources) > 1:
             rec['samples_by_source'] = {name: c for (name, _, _), c in zip(sources, source_counts)}
-        write_log(rec)
-        log(f'iter {iter_num}/{max_iters} | loss {lossf:.4f} | lr {lr:.2e} | grad {float(grad_norm):.3f} | '
-            f'{dt * 1000:.0f} ms | {rec["samples_per_s"]:.1f} samples/s | {rec["tokens_per_s"]:.0f} tok/s | '
-            + (f'mfu {mfu * 100:.1f}% | ' if mfu is not None else '')
-            + f'data {t_data / dt * 100:.0f}% | epoch {rec["epoch"]:.2f} (ends in {eta_epoch / 60:.1f} min) | '
-            f'eta {eta / 60:.1f} min' + (f' | bad images {bad_since_log} ({bad_total} in all)' if bad_since_log else '')
-            + (' | ' + ' '.join(f'{k} {v}' for k, v in rec['samples_by_source'].items()) if len(sources) > 1 else ''))
-        bad_since_log, source_counts = 0, [0] * len(sources)
+        write_log(rec, f'iter {iter_num}/{max_iters} | loss {lossf:.4f} | lr {lr:.2e} | grad {float(grad_norm):.3f} | '
+                  f'{rec["dt_ms"]:.0f} ms | {rec["samples_per_s"]:.1f} samples/s | {rec["tokens_per_s"]:.0f} tok/s | '
+                  + (f'mfu {rec["mfu"] * 100:.1f}% | ' if peak else '')
+                  + f'data {rec["data_wait"] * 100:.0f}% | epoch {rec["epoch"]:.2f} (ends in '
+                  f'{rec["eta_epoch_s"] / 60:.1f} min) | eta {rec["eta_s"] / 60:.1f} min'
+                  + (f' | recompiles {rec["recompiles"]}' if compile else '')
+                  + (f' | bad images {bad_since_log} ({bad_total} in all)' if bad_since_log else '')
+                  + ''.join(f' | {k} {v}' for k, v in rec.get('samples_by_source', {}).items()))
+        bad_since_log, source_counts, t_log, work = 0, [0] * len(sources), time.time(), dict.fromkeys(work, 0)
 
     # preemption: agree across ranks, checkpoint, exit cleanly. Under DDP the flag goes through
     # a CPU (gloo) group, so agreeing costs no wait for the GPU
@@ -588,7 +543,7 @@ while True:
     if ddp:
         flag = torch.tensor([int(stop)])
         dist.all_reduce(flag, group=control_group)
-        stop = bool(flag.item())
+        stop = bool(flag)
     if stop:
         checkpoint_all_ranks(ckpt_path)
         log(f'signal received: checkpoint written to {ckpt_path} at iter {iter_num}; resume with --init_from=resume')

@@ -21,11 +21,11 @@ import pytest
 import torch
 from PIL import Image
 
-import benchmarks
-import coco_caption
-import metrics
-import model as M
-from common import UserError
+from evaluation import benchmarks
+from evaluation import coco_caption
+from evaluation import metrics
+import sample
+from configurator import UserError
 from conftest import ENV, ROOT, assert_ok, assert_one_error_line
 
 
@@ -477,7 +477,7 @@ def test_evaluate_bench_for_training(demo_run, bench_files):
     """What train.py calls at eval time: a subset, metrics back, nothing written, the
     connector's mode as it was."""
     files, images, _ = bench_files
-    vlm, tok, _ = M.from_checkpoint(str(demo_run / 'ckpt.pt'), torch.device('cpu'), torch.float32)
+    vlm, tok, _ = sample.from_checkpoint(str(demo_run / 'ckpt.pt'), torch.device('cpu'), torch.float32)
     vlm.train()
     m = benchmarks.evaluate_bench(vlm, tok, 'coco', files['karpathy'], images, num=8, batch_size=4,
                                   max_new_tokens=16)

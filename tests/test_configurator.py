@@ -1,13 +1,18 @@
 """
 Tests of configurator.py: config files and --key=value overrides, checked against the
-defaults' keys and types, every mistake a one-line UserError.
+defaults' keys and types, every mistake a one-line UserError; the checks of an output folder;
+writes that fail safely.
 
 $ python -m pytest -q tests/test_configurator.py
 """
+import errno
+import os
+
 import pytest
+import torch
 
 import configurator
-from common import UserError
+from configurator import UserError, atomic_torch_save, atomic_write, atomic_write_bytes, first_line
 
 
 def defaults():
@@ -104,3 +109,101 @@ def test_a_config_path_that_is_a_directory_or_missing_is_one_line(tmp_path):
         with pytest.raises(UserError) as e:
             configurator.configure(defaults(), [str(path)])
         assert str(path) in str(e.value) and what in str(e.value) and '\n' not in str(e.value), str(e.value)
+
+# -----------------------------------------------------------------------------
+# Atomic writes: whatever goes wrong in the middle of writing a file (an exception in the
+# writer, a failed rename, a full disk), the previous file is left intact and no temp file
+# stays behind; a full disk is a one-line UserError that names the file.
+
+
+@pytest.fixture
+def old(tmp_path):
+    """A file that a failed write must leave exactly as it was."""
+    path = tmp_path / 'ckpt.pt'
+    path.write_bytes(b'the previous checkpoint')
+    return path
+
+
+def assert_untouched(path):
+    assert path.read_bytes() == b'the previous checkpoint'
+    assert sorted(p.name for p in path.parent.iterdir()) == ['ckpt.pt']  # no ckpt.pt.tmp
+
+
+def half_then(exc):
+    """A writer that writes half a file, then fails with exc."""
+    def write(f):
+        f.write(b'x' * 4096)
+        raise exc
+    return write
+
+
+@pytest.mark.parametrize('exc', [RuntimeError('crash in the writer'), KeyboardInterrupt()])
+def test_a_crash_mid_write_keeps_the_old_file(old, exc):
+    with pytest.raises(type(exc)):
+        atomic_write(str(old), half_then(exc))
+    assert_untouched(old)
+
+
+def test_a_failed_rename_keeps_the_old_file(old, monkeypatch):
+    def fail(src, dst):
+        raise OSError(errno.EIO, 'I/O error')
+    monkeypatch.setattr(configurator.os, 'replace', fail)
+    with pytest.raises(OSError):
+        atomic_write_bytes(str(old), b'new')
+    assert_untouched(old)
+
+
+@pytest.mark.parametrize('code', [errno.ENOSPC, errno.EDQUOT])
+def test_disk_full_is_one_line_naming_the_file(old, code):
+    with pytest.raises(UserError) as e:
+        atomic_write(str(old), half_then(OSError(code, os.strerror(code))))
+    msg = str(e.value)
+    assert 'disk full' in msg and str(old) in msg and '\n' not in msg, msg
+    assert_untouched(old)
+
+
+def test_torch_save_failures_keep_the_old_checkpoint(old, monkeypatch):
+    with pytest.raises(Exception):
+        atomic_torch_save({'f': lambda: 0}, str(old))  # cannot be pickled: fails while serialising
+    assert_untouched(old)
+
+    def full(fd):  # the disk fills up: on many file systems the error arrives at fsync
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(configurator.os, 'fsync', full)
+    with pytest.raises(UserError, match='disk full'):
+        atomic_torch_save({'w': torch.zeros(1000)}, str(old))
+    assert_untouched(old)
+
+
+def test_atomic_torch_save_round_trips(tmp_path):
+    path = tmp_path / 'ckpt.pt'
+    atomic_torch_save({'w': torch.arange(5)}, str(path))
+    atomic_torch_save({'w': torch.arange(6)}, str(path))  # over an existing file
+    assert torch.load(path, weights_only=True)['w'].tolist() == list(range(6))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['ckpt.pt']
+
+
+# -----------------------------------------------------------------------------
+# One line, whole words
+
+
+def test_a_long_cause_is_cut_after_its_first_sentence_or_at_a_word():
+    """What a failed load says must fit a line without cutting its cause mid-word."""
+    accelerate = ('Using a `device_map`, `tp_plan`, `torch.device` context manager or setting '
+                  '`torch.set_default_device(device)` requires `accelerate`. You can install it with '
+                  '`pip install accelerate` and then restart your session, or the loading goes through host memory.')
+    assert first_line(ValueError(accelerate)).endswith('requires `accelerate`.')
+    words = ' '.join(['segmentation'] * 40)
+    cut = first_line(RuntimeError(words), 100)
+    assert len(cut) <= 100 and cut.endswith('...') and set(cut[:-3].split()) == {'segmentation'}
+    assert first_line(KeyError()) == 'KeyError' and first_line(OSError('a\nb')) == 'a'
+
+
+def test_an_out_dir_that_cannot_be_a_folder_is_one_line(tmp_path):
+    (tmp_path / 'file').write_text('x')
+    for bad in (tmp_path / 'file', tmp_path / 'file' / 'sub' / 'deeper'):
+        with pytest.raises(UserError, match="is a file") as e:
+            configurator.check_out_dir(str(bad))
+        assert '\n' not in str(e.value)
+    configurator.check_out_dir(str(tmp_path / 'new' / 'run'))  # to be made: fine
+    configurator.check_out_dir(str(tmp_path))

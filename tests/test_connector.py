@@ -15,7 +15,9 @@ import torch
 import data
 import model as M
 from conftest import TINY_ARGS, build_tiny, rand_images, tiny_builder
-from connector import Connector, ResamplerBlock
+from model import Connector, ResamplerBlock
+from sources import backbones as B
+from sources import tokens as T
 
 # -----------------------------------------------------------------------------
 # the resampler block, by hand
@@ -206,12 +208,12 @@ def caption_batch(tok, n=3):
     for cap, img in zip(caps, imgs):
         ids, labels = b.build([tok(cap, add_special_tokens=False)['input_ids']])
         samples.append(dict(input_ids=ids, labels=labels, images=[img]))
-    batch = data.collate(samples, pad_id=M.special_ids(tok)['eos'])
+    batch = data.collate(samples, pad_id=T.special_ids(tok)['eos'])
     return batch['images'], batch['input_ids'], batch['target_pos'], batch['target_ids']
 
 
 def test_eager_attention_reaches_both_backbones_and_matches_sdpa():
-    tok = M.load_tokenizer('tiny')
+    tok = B.load_tokenizer('tiny')
     sdpa = M.build_vlm(TINY_ARGS, tok).eval()
     eager = M.build_vlm(TINY_ARGS, tok, attn_implementation='eager',
                         connector_state=sdpa.connector.state_dict()).eval()
@@ -225,9 +227,9 @@ def test_eager_attention_reaches_both_backbones_and_matches_sdpa():
 
 def test_grad_checkpointing_zeroes_every_attention_dropout(tmp_path):
     from transformers import AutoConfig
-    cfg = dict(M.TINY_LLM, attention_dropout=0.1, vocab_size=128)
+    cfg = dict(B.TINY_LLM, attention_dropout=0.1, vocab_size=128)
     AutoConfig.for_model(cfg.pop('model_type'), **cfg).save_pretrained(tmp_path)
-    tok = M.load_tokenizer('tiny')
+    tok = B.load_tokenizer('tiny')
     batch = caption_batch(tok)
     vlm, _ = build_tiny(llm=f'random:{tmp_path}')
     vlm.llm.train()  # without the fix: the attention modules' own copy of the dropout is live

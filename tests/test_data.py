@@ -14,10 +14,11 @@ import pytest
 import torch
 
 import data
-import evaluate
-import model as M
+from evaluation import evaluate
 import prepare_llava as P
-from common import UserError
+from configurator import UserError
+from sources import backbones as B
+from sources import tokens as T
 from conftest import N_LAT, build_tiny, image_folder, rand_images, read_meta, tiny_builder
 
 
@@ -30,8 +31,8 @@ def encode(tok, s):
 
 @pytest.fixture(scope='module')
 def builder():
-    tok = M.load_tokenizer('tiny')
-    return tiny_builder(tok), tok, M.special_ids(tok)
+    tok = B.load_tokenizer('tiny')
+    return tiny_builder(tok), tok, T.special_ids(tok)
 
 
 def test_labels_template_a(builder):
@@ -91,7 +92,7 @@ def test_image_brackets_wrap_each_image(tiny):
     training samples and in sample.py's prompts alike."""
     _, tok = tiny
     vlm, _ = build_tiny(image_brackets=True)
-    ids = M.special_ids(tok)
+    ids = T.special_ids(tok)
     assert vlm.brackets == (ids['vision_start'], ids['vision_end'])
     b = tiny_builder(tok, brackets=vlm.brackets)
     x, _ = b.build([[10, 11], [12]])
@@ -207,7 +208,7 @@ def test_multi_image_mixing(dataset):
     two = next(it for it in items if len(it) == 2)
     s = dataset[two]
     assert len(s['images']) == 2 and s['input_ids'].count(dataset.builder.eos_id) == 1
-    n_img_slots = sum(t == M.special_ids(M.load_tokenizer('tiny'))['slot'] for t in s['input_ids'])
+    n_img_slots = sum(t == T.special_ids(B.load_tokenizer('tiny'))['slot'] for t in s['input_ids'])
     assert n_img_slots == 2 * N_LAT
 
 

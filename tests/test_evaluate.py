@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 import data
-import evaluate
-from common import UserError
+from evaluation import evaluate
+from configurator import UserError
 from conftest import N_LAT, build_tiny, tiny_builder
 
 

@@ -21,6 +21,8 @@ import model as M
 import prepare_llava as P
 from conftest import ASSETS, TINY_ARGS, assert_ok, rand_images, read_log, train_args
 from test_train import run_forked
+from sources import backbones as B
+from sources import tokens as T
 
 # Per family: the model config, the tokenizer's special tokens in id order (as the family's own
 # tokenizer numbers them), bos / eos / pad / unk, whether the tokenizer prepends bos to text,
@@ -59,7 +61,7 @@ def bpe_tokenizer(specials):
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator([' '.join(M.TINY_WORDS)] * 4, trainer)
+    tk.train_from_iterator([' '.join(B.TINY_WORDS)] * 4, trainer)
     tk.add_special_tokens([AddedToken(t, special=True) for t in specials])
     return tk, PreTrainedTokenizerFast
 
@@ -74,7 +76,7 @@ def family_tokenizer(fam):
         tk, cls = bpe_tokenizer(fam['specials'])
         return cls(tokenizer_object=tk, bos_token=fam['bos'], eos_token=fam['eos'], pad_token=fam['pad'])
     vocab = {}
-    for w in fam['specials'] + [UNK] + M.TINY_WORDS:
+    for w in fam['specials'] + [UNK] + B.TINY_WORDS:
         vocab.setdefault(w, len(vocab))
     tk = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     tk.normalizer = normalizers.Lowercase()
@@ -94,12 +96,12 @@ def family_folder(root, name):
     from transformers import AutoConfig, AutoModelForCausalLM
     fam = FAMILIES[name]
     tok = family_tokenizer(fam)
-    sizes = {k: v for k, v in M.TINY_LLM.items() if k not in ('model_type', 'tie_word_embeddings')}
+    sizes = {k: v for k, v in B.TINY_LLM.items() if k not in ('model_type', 'tie_word_embeddings')}
     cfg = AutoConfig.for_model(fam['model_type'], **sizes, vocab_size=len(tok),
                                tie_word_embeddings=name in ('gemma', 'qwen2'),  # both layouts of the head
                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                pad_token_id=tok.pad_token_id)
-    with M.seeded('cpu', 0):
+    with B.seeded('cpu', 0):
         llm = AutoModelForCausalLM.from_config(cfg)
     folder = root / name
     llm.save_pretrained(folder)
@@ -150,7 +152,7 @@ def losses(out):
 def build(name, families, **over):
     folder, prepared = families[name]
     args = {**TINY_ARGS, 'llm': str(folder), 'tokenizer': str(folder), **over}
-    tok = M.load_tokenizer(str(folder))
+    tok = B.load_tokenizer(str(folder))
     return M.build_vlm(args, tok).eval(), tok, data.open_prepared(str(prepared))
 
 
@@ -158,8 +160,8 @@ def build(name, families, **over):
 def test_token_rules_follow_the_family(name, families):
     fam = FAMILIES[name]
     folder, prepared = families[name]
-    tok = M.load_tokenizer(str(folder))
-    ids = M.special_ids(tok)
+    tok = B.load_tokenizer(str(folder))
+    ids = T.special_ids(tok)
     assert tok.convert_ids_to_tokens(ids['eos']) == fam['eos']
     assert ids['bos'] == (tok.convert_tokens_to_ids(fam['bos']) if fam['add_bos'] else None)
     assert ids['slot_token'] == fam['slot'] and tok.convert_ids_to_tokens(ids['slot']) == fam['slot']
@@ -204,7 +206,7 @@ def test_caption_only_loss_equals_full_logits_loss_and_bos_leads(name, families)
                                ignore_index=-100)
     assert ours.item() == pytest.approx(full.item(), rel=1e-5)
     # the prompt at sample time is the training prompt
-    from evaluate import prompt_ids
+    from evaluation.evaluate import prompt_ids
     assert prompt_ids(vlm, tok, 1) == b.prompt_a
 
 
@@ -224,7 +226,7 @@ def test_generation_stops_at_the_family_eos(name, families):
         return out + bias
     handle = head.register_forward_hook(forced)
     try:
-        from evaluate import prompt_ids
+        from evaluation.evaluate import prompt_ids
         imgs = torch.from_numpy(rand_images(2, vlm.image_spec['size']))
         out = vlm.generate(imgs, [prompt_ids(vlm, tok, 1)] * 2, max_new_tokens=10)
     finally:
@@ -264,10 +266,10 @@ def test_a_tokenizer_with_no_free_special_token_is_one_line():
     tk, cls = bpe_tokenizer(['<|endoftext|>'])
     tok = cls(tokenizer_object=tk, bos_token='<|endoftext|>', eos_token='<|endoftext|>', unk_token='<|endoftext|>')
     with pytest.raises(M.UserError, match='--slot_token') as e:
-        M.special_ids(tok)
+        T.special_ids(tok)
     assert '\n' not in str(e.value)
     # given a rare ordinary token instead, the rules take it
-    ids = M.special_ids(tok, 'Ġcyan')
+    ids = T.special_ids(tok, 'Ġcyan')
     assert ids['slot'] == tok.convert_tokens_to_ids('Ġcyan') and ids['eos'] == tok.eos_token_id
 
 
@@ -277,19 +279,19 @@ def test_unknown_token_is_the_last_resort_only_where_text_cannot_produce_it():
     <unk> from unknown words, so there it is refused."""
     tk, cls = bpe_tokenizer(['<unk>', '<s>', '</s>'])
     tok = cls(tokenizer_object=tk, bos_token='<s>', eos_token='</s>', unk_token='<unk>')
-    assert M.special_ids(tok)['slot_token'] == '<unk>'
+    assert T.special_ids(tok)['slot_token'] == '<unk>'
     word = family_tokenizer(dict(FAMILIES['mistral'], specials=['<unk>', '<s>', '</s>']))
     with pytest.raises(M.UserError, match='no special token free'):
-        M.special_ids(word)
+        T.special_ids(word)
 
 
 def test_slot_token_setting_is_checked(families):
     folder, _ = families['llama']
-    tok = M.load_tokenizer(str(folder))
-    assert M.special_ids(tok, '<|eot_id|>')['slot'] == tok.convert_tokens_to_ids('<|eot_id|>')
+    tok = B.load_tokenizer(str(folder))
+    assert T.special_ids(tok, '<|eot_id|>')['slot'] == tok.convert_tokens_to_ids('<|eot_id|>')
     for bad in ('<|end_of_text|>', '<|begin_of_text|>', '<no such token>'):
         with pytest.raises(M.UserError, match='slot_token'):
-            M.special_ids(tok, bad)
+            T.special_ids(tok, bad)
 
 
 def test_an_ordinary_word_as_slot_token_drops_the_captions_that_use_it(tmp_path):
@@ -297,7 +299,7 @@ def test_an_ordinary_word_as_slot_token_drops_the_captions_that_use_it(tmp_path)
     is dropped and counted under special_tokens, and the kept ones never contain it."""
     meta = P.main(['--synthetic=200', f'--data_dir={tmp_path}', '--tokenizer=tiny', '--slot_token=cross', '--llm=none'])
     assert meta['slot_token'] == 'cross' and meta['filters']['special_tokens'] > 0
-    cross = M.load_tokenizer('tiny').convert_tokens_to_ids('cross')
+    cross = B.load_tokenizer('tiny').convert_tokens_to_ids('cross')
     tokens = data.open_prepared(str(tmp_path / 'prepared'))['train'][0]
     assert cross not in set(tokens.tolist())
     with pytest.raises(M.UserError, match='slot'):  # a word the prompt itself uses cannot be the slot
@@ -308,13 +310,13 @@ def test_the_real_qwen3_tokenizer():
     d = ASSETS / 'Qwen3-8B-Base'
     if not (d / 'tokenizer.json').exists():
         pytest.skip('../shared/assets/Qwen3-8B-Base not present')
-    ids = M.special_ids(M.load_tokenizer(str(d)))
+    ids = T.special_ids(B.load_tokenizer(str(d)))
     assert (ids['eos'], ids['bos'], ids['slot_token']) == (151643, None, '<|image_pad|>')
 
 
 def test_the_real_smollm2_tokenizer(smollm2_dir):
-    tok = M.load_tokenizer(str(smollm2_dir))
-    ids = M.special_ids(tok)
+    tok = B.load_tokenizer(str(smollm2_dir))
+    ids = T.special_ids(tok)
     assert tok.convert_ids_to_tokens(ids['eos']) == '<|im_end|>' and ids['bos'] is None
     assert ids['slot'] not in (tok.unk_token_id, tok.bos_token_id, tok.pad_token_id, ids['eos'])
     assert ids['slot'] not in tok('a red circle at the top <|x|> 東京 \U0001F600')['input_ids']

@@ -17,10 +17,11 @@ import torch
 from PIL import Image
 
 import data
-import images
+from sources import images
 import model as M
 import prepare_llava as P
-from common import UserError
+from configurator import UserError
+from sources import backbones as B
 from conftest import ASSETS, TINY_ARGS, asset_photos
 
 S = 48  # the tiny tower's input size
@@ -303,7 +304,7 @@ def test_encode_images_feeds_the_tower_the_processor_pixels(tmp_path, family):
     else:
         proc = pil_processor('CLIPImageProcessor')(size={'shortest_edge': 72}, crop_size=64)
     vision = tiny_tower(tmp_path / family, f'{family}_vision_model', 64, proc)
-    vlm = M.build_vlm({**TINY_ARGS, 'vision': vision}, M.load_tokenizer('tiny'))
+    vlm = M.build_vlm({**TINY_ARGS, 'vision': vision}, B.load_tokenizer('tiny'))
     seen = []
     vlm.vision.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get('pixel_values', a[0] if a else None)),
                                          with_kwargs=True)
@@ -327,7 +328,7 @@ def test_tower_without_processor_file_gets_its_family_default(tmp_path, model_ty
     spec = images.image_spec(vision, AutoConfig.from_pretrained(vision[len('random:'):]))
     assert spec['size'] == 48 and spec['mean'] == mean and spec['resample'] == 3
     assert spec['shortest_edge'] == (48 if crop else None)  # CLIP: shortest side, then a centre crop
-    vlm = M.build_vlm({**TINY_ARGS, 'vision': vision}, M.load_tokenizer('tiny'))
+    vlm = M.build_vlm({**TINY_ARGS, 'vision': vision}, B.load_tokenizer('tiny'))
     assert vlm.image_spec == spec
     torch.testing.assert_close(vlm.pix_mean.flatten(), torch.tensor(mean) * 255)
 
@@ -339,7 +340,7 @@ def test_unknown_tower_family_without_processor_file_is_an_error(tmp_path, model
     with pytest.raises(UserError, match='preprocessor_config.json'):
         images.image_spec(vision, AutoConfig.from_pretrained(vision[len('random:'):]))
     with pytest.raises(UserError, match=model_type):
-        M.build_vlm({**TINY_ARGS, 'vision': vision}, M.load_tokenizer('tiny'))
+        M.build_vlm({**TINY_ARGS, 'vision': vision}, B.load_tokenizer('tiny'))
 
 # -----------------------------------------------------------------------------
 # packing: lossless by default, --pack_size close

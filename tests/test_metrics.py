@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from metrics import (OBJECT_WORDS, bleu4, bleu_scores, cider_d, hallucination_rate, length_stats, qa_scores,
+from evaluation.metrics import (OBJECT_WORDS, bleu4, bleu_scores, cider_d, hallucination_rate, length_stats, qa_scores,
                      rouge_l, score_rows, tokenize_caption)
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository
@@ -427,5 +427,5 @@ def test_hallucination_against_given_ground_truth():
     assert per == [['dog']]
 
 def test_imports_without_torch_numpy_transformers():
-    code = "import metrics, sys; assert not any(m in sys.modules for m in ('torch', 'numpy', 'transformers'))"
+    code = "from evaluation import metrics; import sys; assert not any(m in sys.modules for m in ('torch', 'numpy', 'transformers'))"
     subprocess.run([sys.executable, '-c', code], cwd=ROOT, check=True)

@@ -15,7 +15,7 @@ from PIL import Image
 
 import data
 import prepare_llava as P
-from common import UserError
+from configurator import UserError
 
 # -----------------------------------------------------------------------------
 # syntax

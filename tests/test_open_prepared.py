@@ -16,8 +16,8 @@ from PIL import Image
 
 import data
 import prepare_llava as P
-import shards
-from common import UserError
+from sources import shards
+from configurator import UserError
 from conftest import assert_one_error_line, run_script, train_args
 
 CAPTIONS = ['a red circle at the top left.', 'a blue square at the bottom right.', 'two green stars in the center.',

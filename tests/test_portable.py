@@ -12,7 +12,7 @@ import shutil
 import zipfile
 
 import prepare_llava as P
-import shards
+from sources import shards
 from conftest import assert_ok, assert_one_error_line, read_log, run_scripts_side_by_side, train_args
 
 N = 64  # records: 3 batches of 16 per epoch after the val split

@@ -18,9 +18,9 @@ from PIL import Image
 
 import data
 import prepare_llava as P
-from common import UserError
+from configurator import UserError
 from conftest import ASSETS, ROOT, load_prepared, prepared_samples
-from model import tiny_tokenizer
+from sources.backbones import tiny_tokenizer
 
 META_KEYS = {'version', 'source', 'tokenizer', 'vocab_size', 'eos_id', 'slot_id', 'bos_id', 'slot_token', 'image_root', 'image_root_abs',
              'image_kind', 'shards', 'packed_size', 'n_images', 'splits', 'golden', 'filters', 'counts', 'min_tokens',
@@ -221,7 +221,7 @@ def test_zip_members_are_read_by_their_prepared_offsets(messy, tmp_path, compres
     """Training reads zip members by offsets found at prepare time (zip_locs.npy), not by
     parsing the zip's whole central directory in every loader worker: the same bytes as
     zipfile, stored or deflated, with a Zip64-sized comment and extra fields in the way."""
-    from images import ImageReader
+    from sources.images import ImageReader
     z = tmp_path / 'images.zip'
     with zipfile.ZipFile(messy / 'images.zip') as src, zipfile.ZipFile(z, 'w', compression=compression) as dst:
         dst.comment = b'x' * 1000

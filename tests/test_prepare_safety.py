@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 import prepare_llava as P
-from common import UserError
+from configurator import UserError
 from conftest import load_prepared
 
 GOOD = {'g0.jpg': 'a red circle at the top left.', 'g1.jpg': 'a blue square at the bottom right.',

@@ -18,10 +18,10 @@ import torch
 from PIL import Image
 
 import data
-import images
-import model as M
+from sources import images
 import prepare_llava as P
-import shards
+from sources import shards
+from sources import backbones as B
 from conftest import load_prepared, tiny_builder
 
 COLOURS = ['red', 'green', 'blue', 'yellow', 'purple', 'orange', 'white', 'pink']
@@ -104,7 +104,7 @@ def test_shard_pixels_through_loader_workers_equal_the_folder(both, tmp_path):
     d, _ = both
     prepare('--data_dir', d / 'llava', '--out_dir', tmp_path / 'ref')
     prepare('--shards', d / 'tars', '--out_dir', tmp_path / 'sh')
-    tok = M.load_tokenizer('tiny')
+    tok = B.load_tokenizer('tiny')
     spec = images.pack_spec(48)
     got = []
     for out in ('ref', 'sh'):

@@ -16,14 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
-import evaluate
-import model as M
+from evaluation import evaluate, report
 import sample
-from common import resolve_device
+from configurator import resolve_device
 from conftest import (ASSETS, assert_ok, assert_one_error_line, asset_photos, image_folder, read_meta,
                       run_scripts_side_by_side)
-from images import load_image
-from metrics import score_rows
+from sources.images import load_image
+from evaluation.metrics import score_rows
 
 
 def _damaged_copy(synthetic, tmp):
@@ -116,7 +115,7 @@ def test_export_connector_roundtrip(demo_run, synthetic, tmp_path):
     device, dtype = resolve_device('cpu')
     caps = []
     for src in (demo_run / 'ckpt.pt', out):
-        vlm, tok, _ = M.from_checkpoint(str(src), device, dtype)
+        vlm, tok, _ = sample.from_checkpoint(str(src), device, dtype)
         caps.append(evaluate.caption_batch(vlm, tok, [[load_image(img, vlm.image_spec)]], max_new_tokens=12))
     assert caps[0] == caps[1]
 
@@ -149,16 +148,16 @@ def test_greedy_overrides_temperature_and_seed(sample_scripts):
 def test_an_out_dir_means_its_latest_checkpoint(tmp_path):
     """--ckpt OUT_DIR is OUT_DIR/ckpt.pt (the latest), not ckpt_best.pt or another file beside
     it; an exported connector folder is taken as it is; a folder with neither is one line."""
-    from common import UserError
+    from configurator import UserError
     for name in ('ckpt_best.pt', 'ckpt_last_good.pt', 'ckpt.pt'):
         (tmp_path / name).write_bytes(b'x')
-    assert M.resolve_checkpoint(str(tmp_path)) == os.path.join(str(tmp_path), 'ckpt.pt')
+    assert sample.resolve_checkpoint(str(tmp_path)) == os.path.join(str(tmp_path), 'ckpt.pt')
     (tmp_path / 'exported').mkdir()
     (tmp_path / 'exported' / 'connector_config.json').write_text('{}')
-    assert M.resolve_checkpoint(str(tmp_path / 'exported')) == str(tmp_path / 'exported')
+    assert sample.resolve_checkpoint(str(tmp_path / 'exported')) == str(tmp_path / 'exported')
     (tmp_path / 'empty').mkdir()
     with pytest.raises(UserError, match='neither a ckpt.pt'):
-        M.resolve_checkpoint(str(tmp_path / 'empty'))
+        sample.resolve_checkpoint(str(tmp_path / 'empty'))
 
 
 def test_bad_sample_arguments_are_one_line(sample_scripts):
@@ -281,7 +280,7 @@ def test_write_report(tmp_path):
     ]
     metrics = {'val': score_rows(rows[:5]), 'qa': score_rows(rows[5:]), 'llm_untouched': True}
     out = tmp_path / 'report'
-    path = evaluate.write_report(str(out), rows, metrics)
+    path = report.write_report(str(out), rows, metrics)
     assert path == str(out / 'report.md')
 
     lines = (out / 'generations.jsonl').read_text().splitlines()

@@ -17,7 +17,8 @@ import tarfile
 import numpy as np
 import pytest
 
-import shards as S
+from sources import images as I
+from sources import shards as S
 
 
 def fake_images(n, seed=0):
@@ -111,7 +112,7 @@ def test_scan_reads_back_the_written_bytes(written):
             while caps[k] is None:  # reported, below
                 k += 1
             assert (int(off), int(size)) == oracle[f'{key}.jpg']
-            assert S.read_member(p, off, size) == imgs[k]
+            assert I.read_member(p, off, size) == imgs[k]
             assert cap == caps[k] and S.IMAGE_EXTS[ext] == 'jpg'
             assert key == f'{k // 10:05d}{k % 10}'  # img2dataset's '{shard:05d}{i:0Nd}'
             k += 1
@@ -151,7 +152,7 @@ def test_caption_precedence_and_sample_problems(tmp_path, fmt):
                                  ('duplicate_key', 'a'), ('duplicate_member', 'j'), ('empty_image', 'i'),
                                  ('no_caption', 'c'), ('no_caption', 'g'), ('no_image', 'd')]
     for off, size in zip(samples['offsets'], samples['sizes']):
-        assert S.read_member(p, off, size) == img
+        assert I.read_member(p, off, size) == img
 
 
 def damaged(tmp_path, written, cut):
@@ -189,7 +190,7 @@ def test_damaged_shards_keep_the_samples_before_the_damage(tmp_path, written):
         for i, (off, n) in enumerate(zip(samples['offsets'], samples['sizes'])):
             assert off + n <= size
             k = int(samples['keys'][i])
-            assert S.read_member(p, off, n) == imgs[k] and samples['captions'][i] == caps[k], what
+            assert I.read_member(p, off, n) == imgs[k] and samples['captions'][i] == caps[k], what
 
 
 def test_not_a_tar_never_raises(tmp_path, written):
@@ -240,7 +241,7 @@ def test_shardfiles_reads_through_forked_workers_with_a_handle_cap(written):
         for key, off, size in zip(samples['keys'], samples['offsets'], samples['sizes']):
             jobs.append((s, int(off), int(size)))
             want.append(hashlib.sha1(imgs[int(key)]).hexdigest())
-    _FILES = S.ShardFiles(paths, max_open=2)
+    _FILES = I.ShardFiles(paths, max_open=2)
     assert open_tars() == 0
     assert [hashlib.sha1(_FILES.read(*j)).hexdigest() for j in jobs] == want
     assert _FILES.n_open() == open_tars() == 2
@@ -265,10 +266,10 @@ def test_read_member_sources(written):
     off, size = samples['offsets'][2], samples['sizes'][2]
     with open(paths[0], 'rb') as f:
         f.seek(7)
-        assert S.read_member(f, off, size) == imgs[2] and f.tell() == 7  # position untouched
-        assert S.read_member(f.fileno(), off, size) == imgs[2]
+        assert I.read_member(f, off, size) == imgs[2] and f.tell() == 7  # position untouched
+        assert I.read_member(f.fileno(), off, size) == imgs[2]
     with pytest.raises(OSError, match='short read'):
-        S.read_member(paths[0], os.path.getsize(paths[0]) - 10, 100)
+        I.read_member(paths[0], os.path.getsize(paths[0]) - 10, 100)
 
 
 def test_random_cuts_and_flips_never_raise(tmp_path, written):

@@ -13,7 +13,8 @@ from PIL import Image
 
 import prepare_llava as P
 from conftest import load_prepared, prepared_samples
-from model import TINY_WORDS, tiny_tokenizer
+from sources.backbones import TINY_WORDS, tiny_tokenizer
+from sources import backbones as B
 
 
 def prepare_synthetic(data_dir, *extra):
@@ -94,15 +95,14 @@ def test_pretrained_tiny_llm_is_made_once_and_loads_as_a_real_llm(tmp_path, caps
     branch as Qwen3-8B-Base from a local dir); a second call with the same scenes and settings
     reuses it; other scenes retrain it."""
     import torch
-    import model as M
-    import synthetic
+    from sources import synthetic
     rng = np.random.default_rng(0)
     scenes = [synthetic.draw_scene(rng)[1:] for _ in range(40)]
     out = tmp_path / 'tiny_llm'
     synthetic.pretrain_llm(scenes, str(out), steps=3, batch_size=8)
     weights = next(out.glob('*.safetensors'))
     first = weights.read_bytes()
-    llm = M.build_llm(str(out))
+    llm = B.build_llm(str(out))
     assert not any(p.requires_grad for p in llm.parameters())  # frozen, as the real LLM
     from safetensors.torch import load_file
     saved, loaded = load_file(str(weights)), llm.state_dict()

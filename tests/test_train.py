@@ -19,8 +19,9 @@ import pytest
 import torch
 
 import data
+from evaluation import benchmarks
 from conftest import (CFG, ENV, ROOT, assert_ok, assert_one_error_line, image_folder, load_prepared,
-                      popen_script, read_log, run_script, run_scripts_side_by_side, sha, train_args)
+                      popen_script, read_log, read_meta, run_script, run_scripts_side_by_side, sha, train_args)
 
 # -----------------------------------------------------------------------------
 # DDP and gradient accumulation
@@ -68,13 +69,24 @@ def test_ddp_two_processes(synthetic, tmp_path):
     assert [r[0] for r in va] == [r[0] for r in vb] == [0, 4]
     assert [r[1] for r in va] == pytest.approx([r[1] for r in vb], abs=1e-5)
     assert [r[2] for r in va] == [r[2] for r in vb] and va[0][2] > 0  # each val batch once, over both ranks
-    # resumed, each rank continues its own RNG stream (not rank 0's)
+    # resumed, each rank continues its own RNG stream (not rank 0's). The last eval also
+    # captions the golden set and a benchmark subset, each rank its share: under a short
+    # collective timeout no rank may wait while another captions everything
+    files = benchmarks.write_synthetic(str(synthetic.parent), str(tmp_path / 'bench'))
     again = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                            *map(str, train_args(synthetic, ddp_out, *common, '--init_from=resume', '--max_iters=5'))],
+                            *map(str, train_args(synthetic, ddp_out, *common, '--init_from=resume', '--max_iters=5',
+                                                 '--sample_interval=5', '--eval_bench=coco', '--eval_bench_num=40',
+                                                 f'--eval_bench_ann={files["karpathy"]}', '--ddp_timeout=20',
+                                                 f'--eval_bench_images={synthetic.parent / "images"}'))],
                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert_ok(again)
     c = torch.load(ddp_out / 'ckpt.pt', weights_only=True)
     assert c['iter_num'] == 5 and not torch.equal(c['rng'][0]['cpu'], c['rng'][1]['cpu'])
+    golden = [json.loads(line) for line in (ddp_out / 'samples.jsonl').read_text().splitlines()]
+    meta = read_meta(synthetic)
+    assert [r['id'] for r in golden] == [f'golden/{i}' for i in meta['golden']]  # both ranks' shares, in order
+    bench = [r for r in read_log(ddp_out) if 'bench' in r]
+    assert len(bench) == 1 and bench[0]['iter'] == 5 and bench[0]['bench_images'] == 40 and 'warning' not in again.stdout
 
 
 def test_gradient_accumulation_equals_one_big_batch(synthetic, tmp_path):
@@ -256,6 +268,28 @@ def test_an_eval_redone_after_resume_is_logged_once(short_run, synthetic, tmp_pa
     assert evals[-1]['val_loss'] == pytest.approx(before[5], abs=1e-4)  # the same connector, evaluated again
 
 
+def test_log_rates_cover_every_step_and_leave_out_the_evals(synthetic, tmp_path):
+    """A log line's time per step, samples/s and data wait are over every step since the line
+    before, without the evals and golden sampling in between: side by side, a run that pauses
+    for an eval and golden captions in the middle of each log interval logs the same time per
+    step as one that never pauses (counting only the steps after the pause would halve it,
+    counting the pause would multiply it)."""
+    common = ['--max_iters=24', '--log_interval=8', '--eval_iters=4', '--eval_report_num=0', '--batch_size=8',
+              '--gradient_accumulation_steps=1', '--multi_image_frac=0.0', '--group_by_length=False']
+    done = run_forked({'pausing': train_args(synthetic, tmp_path / 'pausing', *common, '--eval_interval=4',
+                                             '--sample_interval=4'),
+                       'plain': train_args(synthetic, tmp_path / 'plain', *common, '--eval_interval=100',
+                                           '--sample_interval=0')}, tmp_path, alarm=120)
+    for p in done.values():
+        assert_ok(p)
+    pausing, plain = ([r for r in read_log(tmp_path / k) if 'loss' in r] for k in ('pausing', 'plain'))
+    assert [r['iter'] for r in pausing] == [r['iter'] for r in plain] == [8, 16, 24]
+    assert len([r for r in read_log(tmp_path / 'pausing') if 'val_loss' in r]) == 7  # 0, 4, ..., 24
+    ratio = sorted(a['dt_ms'] / b['dt_ms'] for a, b in zip(pausing, plain))[1]  # the median of the three
+    assert 0.6 < ratio < 1.6, [(a['dt_ms'], b['dt_ms']) for a, b in zip(pausing, plain)]
+    assert all(0 <= r['data_wait'] <= 1 for r in pausing + plain)
+
+
 def test_weight_decay_spares_norms_biases_latents_and_gains(short_run):
     ckpt = torch.load(short_run[0] / 'ckpt.pt', weights_only=True)
     groups = ckpt['optimizer']['param_groups']
@@ -299,7 +333,7 @@ BAD_SETTINGS = {  # name: (overrides, what the line must name)
 # A case that does not fail fast (a setting that is not checked) is stopped by SIGALRM after a minute.
 FORKED = r"""
 import atexit, json, os, runpy, signal, sys
-import data, evaluate, model  # noqa: F401 (torch and transformers, imported once before the forks)
+import data, model  # noqa: F401 (torch and transformers, imported once before the forks)
 children = {}
 for name, (argv, log) in json.loads(sys.argv[1]).items():
     pid = os.fork()

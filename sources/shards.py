@@ -3,13 +3,12 @@ WebDataset tar shards (as img2dataset writes them) as an image-caption source, r
 
   expand_shards(spec)                -> (paths, n_missing): a folder, a glob, a brace range, a .tar
   scan_shard(path)                   -> (samples, problems): one shard's index, from its headers only
-  read_member(src, offset, size)     -> bytes: one member's data by its absolute byte offset
-  ShardFiles(paths, max_open=64)     per-process, LRU-capped file handles for the DataLoader workers
+  (read at train time by sources/images.py: read_member, ShardFiles)
   write_shards(out_dir, samples, ..) tars the way img2dataset writes them (tests and benchmarks)
 
 The layout (webdataset convention, which img2dataset follows): members come grouped by key;
 the key is the member name up to the first '.' of its basename ('dir/000123.jpg' -> key
-'dir/000123', ext 'jpg'). Per key: the image in .jpg/.jpeg/.png/.webp (any case), the
+'dir/000123', ext 'jpg'). Per key: the image in any of images.IMAGE_EXTS (any case), the
 caption in .txt, or in .json's "caption" when there is no .txt. Other members are ignored.
 
 Headers are parsed by hand (ustar, GNU longname 'L', pax 'x'), not with tarfile: tarfile
@@ -17,7 +16,6 @@ builds a TarInfo per member and keeps them all, ~3x slower on 3M members, and it
 damaged shard where we want the samples before the damage. Offsets agree with tarfile's
 TarInfo.offset_data on everything tarfile writes (the tests check this).
 """
-import collections
 import glob
 import io
 import json
@@ -29,11 +27,11 @@ import time
 
 import numpy as np
 
-from common import Progress
+from configurator import Progress, UserError
+from sources.images import IMAGE_EXTS  # samples['exts'] holds an index into it
 
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
-IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp')  # samples['exts'] holds an index into this
 _IMAGE_EXT = {e: i for i, e in enumerate(IMAGE_EXTS)}
 MAX_CAPTION_BYTES = 1 << 20  # a larger .txt is not a caption
 MAX_JSON_BYTES = 16 << 20    # img2dataset's .json may carry EXIF, so allow more than a caption
@@ -237,19 +235,20 @@ def _caption(fd, txt, js):
     try:
         if txt is not None:
             cap = _read_caption(fd, txt[0], txt[1], MAX_CAPTION_BYTES)
-            return (cap, None) if cap is not None else (None, 'bad_caption')
-        if js is None:
+        elif js is None:
             return None, 'no_caption'
-        raw = _read_caption(fd, js[0], js[1], MAX_JSON_BYTES)
-        if raw is None:
+        else:
+            raw = _read_caption(fd, js[0], js[1], MAX_JSON_BYTES)
+            meta = json.loads(raw) if raw is not None else None
+            cap = meta.get('caption') if isinstance(meta, dict) else None
+            if raw is not None and cap is None:  # "caption": null: img2dataset writes no .txt then
+                return None, 'no_caption'
+        if not isinstance(cap, str):
             return None, 'bad_caption'
-        meta = json.loads(raw)
-        cap = meta.get('caption') if isinstance(meta, dict) else None
-    except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        cap.encode('utf-8')  # a lone surrogate ("\\ud800" in the JSON) would break the tokenizer later
+    except ValueError:  # UnicodeError and JSONDecodeError are ValueErrors
         return None, 'bad_caption'
-    if cap is None:  # "caption": null: img2dataset writes no .txt then
-        return None, 'no_caption'
-    return (cap, None) if isinstance(cap, str) else (None, 'bad_caption')
+    return cap, None
 
 
 def _groups(fd, file_size, problems, path):
@@ -363,92 +362,29 @@ def index_shards(spec):
         progress(k + 1)
     return root, rel, samples, problems, n_missing
 
-# -----------------------------------------------------------------------------
-# Reading members at train time
+# what a shard problem counts as among prepare_llava.py's RULES (a duplicate member is not a lost record)
+SHARD_RULES = dict(corrupt_shard='corrupt_shard', bad_caption='malformed_text', no_caption='empty_caption',
+                   empty_image='zero_byte_image', no_image='malformed_keys', duplicate_key='malformed_keys')
 
 
-def _pread_all(fd, offset, size):
-    """pread until size bytes: a regular local file answers in one call, a network or FUSE
-    file system may answer in parts. Short at end of file: the shard changed since its scan."""
-    data = os.pread(fd, size, offset)
-    if len(data) == size:
-        return data
-    parts, got = [data], len(data)
-    while got < size:
-        part = os.pread(fd, size - got, offset + got)
-        if not part:
-            raise OSError(f'short read: {got} of {size} bytes at offset {offset} (shard truncated since it was '
-                          f'scanned?)')
-        parts.append(part)
-        got += len(part)
-    return b''.join(parts)
-
-
-def read_member(src, offset, size):
-    """size bytes at offset of a shard: src is a path, an fd, or an open file (its fileno is
-    used with pread, so its position is neither used nor moved)."""
-    if isinstance(src, int):
-        return _pread_all(src, offset, size)
-    if hasattr(src, 'fileno'):
-        return _pread_all(src.fileno(), offset, size)
-    fd = os.open(src, os.O_RDONLY)
+def read_shard_records(spec, filters):
+    """prepare_llava.py's records of WebDataset tar shards, indexed in place from their
+    headers, their problems counted in `filters` (its rules): (captions, images, n_records,
+    locations {image name: (shard, offset, size)}, shard paths relative to their common
+    folder, that folder)."""
+    t0 = time.time()
     try:
-        return _pread_all(fd, offset, size)
-    finally:
-        os.close(fd)
-
-
-class ShardFiles:
-    """Member bytes by (shard id, offset, size), shard id indexing `paths`. Handles are opened
-    lazily and per process: after a fork the inherited ones are closed (the parent's stay
-    open) and the worker opens its own. At most max_open are open at once, least recently
-    used closed first: thousands of shards times several DataLoader workers would otherwise
-    run out of file descriptors (ulimit -n is often 1024). Reads are os.pread, so there is
-    no shared file position to race on. One instance per process: not for sharing across
-    threads (an eviction could close a handle another thread is reading)."""
-
-    def __init__(self, paths, max_open=64):
-        self.paths, self.max_open = list(paths), max(1, int(max_open))
-        self._pid, self._fds = None, collections.OrderedDict()
-
-    def _fd(self, shard):
-        if self._pid != os.getpid():
-            self._close_all()
-            self._pid = os.getpid()
-        fd = self._fds.get(shard)
-        if fd is not None:
-            self._fds.move_to_end(shard)
-            return fd
-        if len(self._fds) >= self.max_open:
-            os.close(self._fds.popitem(last=False)[1])
-        fd = os.open(self.paths[shard], os.O_RDONLY | getattr(os, 'O_CLOEXEC', 0))
-        self._fds[shard] = fd
-        return fd
-
-    def read(self, shard, offset, size):
-        return _pread_all(self._fd(shard), int(offset), int(size))
-
-    def n_open(self):
-        return len(self._fds) if self._pid == os.getpid() else 0
-
-    def _close_all(self):
-        for fd in self._fds.values():
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._fds.clear()
-
-    close = _close_all
-
-    def __del__(self):
-        try:
-            self._close_all()
-        except Exception:  # at interpreter exit os may already be gone
-            pass
-
-    def __getstate__(self):  # a spawned worker opens its own
-        return {**self.__dict__, '_pid': None, '_fds': collections.OrderedDict()}
+        root, rel, samples, problems, n_missing = index_shards(spec)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    for reason in problems:
+        if reason in SHARD_RULES:
+            filters[SHARD_RULES[reason]] += 1
+    n_records = len(samples) + sum(r in SHARD_RULES and r != 'corrupt_shard' for r in problems)
+    print(f'read {n_records:,} records from {len(rel):,} shards in {time.time() - t0:.1f}s'
+          + (f' ({n_missing} shards of the range do not exist)' if n_missing else ''))
+    return ([c.strip() or None for _, _, c in samples], [(name,) for name, _, _ in samples], n_records,
+            {name: loc for name, loc, _ in samples}, rel, root)
 
 # -----------------------------------------------------------------------------
 # Writing shards the way img2dataset does (tests and benchmarks)

@@ -23,7 +23,7 @@ import shutil
 import sys
 import unicodedata
 
-import metrics
+from evaluation import metrics
 
 # -----------------------------------------------------------------------------
 # The PTB tokenizer, in Python

@@ -1,7 +1,7 @@
 """
 Image files: how a vision tower wants its pixels, decoding any image to those pixels, reading
-image bytes from wherever a prepared dataset keeps them, and the checks and packing that
-prepare_llava.py runs over them.
+image bytes from wherever a prepared dataset keeps them (a folder, or beyond: images.zip, the
+packed file, tar shards), and the checks and packing that prepare_llava.py runs over them.
 
 1) the preprocessing rule of a tower (size, resize rule, resample filter, mean/std), read from
    its preprocessor_config.json so that pixels match the tower's own image processor,
@@ -11,6 +11,7 @@ prepare_llava.py runs over them.
    or WebDataset tar shards (read in place),
 4) prepare-time work: which images exist, which decode, packing them into one file.
 """
+import collections
 import io
 import json
 import os
@@ -23,19 +24,15 @@ import zlib
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from common import Progress, UserError, hub_reachable, parse_backbone
+from configurator import Progress, UserError, atomic_write, first_line, hub_reachable
+from sources.backbones import KNOWN_PROCESSORS, parse_backbone
 
+IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp', 'bmp', 'gif', 'tif', 'tiff')  # image files, by extension
 MIN_SIDE = 8  # images smaller than this on a side carry no usable signal for a 384 px tower
 
 # -----------------------------------------------------------------------------
 # The tower's preprocessing rule
 
-# The default tower's preprocessor_config.json, so 'random:google/siglip-so400m-patch14-384'
-# needs no download: straight to 384x384, bicubic, mean/std 0.5
-KNOWN_PROCESSORS = {
-    'google/siglip-so400m-patch14-384': dict(size=dict(height=384, width=384), resample=3, do_normalize=True,
-                                             image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]),
-}
 # How each tower family preprocesses when its directory has no preprocessor_config.json
 # (SigLIP: straight to size x size; CLIP: shortest side to size, then a centre crop)
 FAMILY_SPECS = {
@@ -185,6 +182,39 @@ def resolve_root(prepared_dir, meta, override=''):
                     f"image_root=PATH (the folder, images.zip or shard folder it was prepared from)")
 
 
+def check_image_files(prepared_dir, meta):
+    """O(1) checks that the files of an image source beyond a folder have the sizes the
+    dataset says: a truncated copy is one line at start, not unreadable images mid-run."""
+    n = meta['n_images']
+    if meta['image_kind'] == 'packed':
+        offsets = load_array(prepared_dir, 'images_packed_offsets.npy')
+        blob = os.path.join(prepared_dir, 'images_packed.bin')
+        size = os.path.getsize(blob) if os.path.exists(blob) else -1
+        if len(offsets) != n + 1 or size != int(offsets[-1]):
+            raise UserError(f'{blob} has {size} bytes for {len(offsets) - 1} offsets ({n} images expected): the '
+                            f'packed images are truncated; run prepare_llava.py --pack_images again')
+    elif meta['image_kind'] == 'zip' and os.path.exists(os.path.join(prepared_dir, 'zip_locs.npy')):
+        locs = load_array(prepared_dir, 'zip_locs.npy')
+        if locs.shape != (n, 3):
+            raise UserError(f'{prepared_dir}/zip_locs.npy holds {locs.shape}, expected ({n}, 3); run '
+                            f'prepare_llava.py again')
+    elif meta['image_kind'] == 'shards':
+        locs = load_array(prepared_dir, 'image_locs.npy')
+        if locs.shape != (n, 3):
+            raise UserError(f'{prepared_dir}/image_locs.npy holds {locs.shape}, expected ({n}, 3); run '
+                            f'prepare_llava.py again')
+
+
+
+def load_array(prepared_dir, name):
+    path = os.path.join(prepared_dir, name)
+    try:
+        return np.load(path, mmap_mode='r')
+    except (OSError, ValueError) as e:
+        raise UserError(f'{path} is missing or corrupt ({first_line(e, 80)}); run prepare_llava.py again for '
+                        f'this dataset') from None
+
+
 class ImageReader:
     """Raw image bytes by image id. Handles (images.zip, the packed file, tar shards) are
     opened lazily and per process: a handle shared across forked DataLoader workers would
@@ -210,7 +240,6 @@ class ImageReader:
             self._blob = np.memmap(os.path.join(self.dir, 'images_packed.bin'), dtype=np.uint8, mode='r')
             self._offsets = np.load(os.path.join(self.dir, 'images_packed_offsets.npy'), mmap_mode='r')
         elif self.kind == 'shards':
-            from shards import ShardFiles
             self._locs = np.load(os.path.join(self.dir, 'image_locs.npy'), mmap_mode='r')
             self._files = ShardFiles([os.path.join(self.root, s) for s in self.shards])
 
@@ -264,6 +293,93 @@ def read_zip_member(f, offset, size, method):
     raise ValueError(f'zip compression method {method} is not supported (stored or deflated only)')
 
 # -----------------------------------------------------------------------------
+# Tar shards, read in place at train time: one member's bytes by its byte offset
+
+
+def _pread_all(fd, offset, size):
+    """pread until size bytes: a regular local file answers in one call, a network or FUSE
+    file system may answer in parts. Short at end of file: the shard changed since its scan."""
+    data = os.pread(fd, size, offset)
+    if len(data) == size:
+        return data
+    parts, got = [data], len(data)
+    while got < size:
+        part = os.pread(fd, size - got, offset + got)
+        if not part:
+            raise OSError(f'short read: {got} of {size} bytes at offset {offset} (shard truncated since it was '
+                          f'scanned?)')
+        parts.append(part)
+        got += len(part)
+    return b''.join(parts)
+
+
+def read_member(src, offset, size):
+    """size bytes at offset of a shard: src is a path, an fd, or an open file (its fileno is
+    used with pread, so its position is neither used nor moved)."""
+    if isinstance(src, int):
+        return _pread_all(src, offset, size)
+    if hasattr(src, 'fileno'):
+        return _pread_all(src.fileno(), offset, size)
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        return _pread_all(fd, offset, size)
+    finally:
+        os.close(fd)
+
+
+class ShardFiles:
+    """Member bytes by (shard id, offset, size), shard id indexing `paths`. Handles are opened
+    lazily and per process: after a fork the inherited ones are closed (the parent's stay
+    open) and the worker opens its own. At most max_open are open at once, least recently
+    used closed first: thousands of shards times several DataLoader workers would otherwise
+    run out of file descriptors (ulimit -n is often 1024). Reads are os.pread, so there is
+    no shared file position to race on. One instance per process: not for sharing across
+    threads (an eviction could close a handle another thread is reading)."""
+
+    def __init__(self, paths, max_open=64):
+        self.paths, self.max_open = list(paths), max(1, int(max_open))
+        self._pid, self._fds = None, collections.OrderedDict()
+
+    def _fd(self, shard):
+        if self._pid != os.getpid():
+            self._close_all()
+            self._pid = os.getpid()
+        fd = self._fds.get(shard)
+        if fd is not None:
+            self._fds.move_to_end(shard)
+            return fd
+        if len(self._fds) >= self.max_open:
+            os.close(self._fds.popitem(last=False)[1])
+        fd = os.open(self.paths[shard], os.O_RDONLY | getattr(os, 'O_CLOEXEC', 0))
+        self._fds[shard] = fd
+        return fd
+
+    def read(self, shard, offset, size):
+        return _pread_all(self._fd(shard), int(offset), int(size))
+
+    def n_open(self):
+        return len(self._fds) if self._pid == os.getpid() else 0
+
+    def _close_all(self):
+        for fd in self._fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds.clear()
+
+    close = _close_all
+
+    def __del__(self):
+        try:
+            self._close_all()
+        except Exception:  # at interpreter exit os may already be gone
+            pass
+
+    def __getstate__(self):  # a spawned worker opens its own
+        return {**self.__dict__, '_pid': None, '_fds': collections.OrderedDict()}
+
+# -----------------------------------------------------------------------------
 # Prepare time: existence, verification, packing
 
 
@@ -299,7 +415,6 @@ _SOURCE = {}
 def init_source(kind, root, pack_size=None, shards=None):
     _SOURCE.update(kind=kind, root=root, pack_size=pack_size, zip=zipfile.ZipFile(root) if kind == 'zip' else None)
     if kind == 'shards':
-        from shards import ShardFiles
         _SOURCE['shards'] = ShardFiles([os.path.join(root, s) for s in shards])
     # verification must see a truncated file as an error, whatever a caller set globally
     ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -371,10 +486,40 @@ def map_images(fn, names, kind, root, workers, what, pack_size=None, shards=None
             progress(i + 1)
 
 
+def image_ref(where, stored_name):
+    """What images.read_source takes: the stored name, or for shards its (shard, offset, size)."""
+    return where['locs'][stored_name] if where['kind'] == 'shards' else stored_name
+
+
+def check_images(f, images, where, verify, workers):
+    """prepare_llava.py's image rules over the records f keeps alive (images: their image-name
+    tuples; where: the input's kind, root, shard locations): existence, and with `verify`
+    decoding, in parallel; f.keep drops and counts the records each rule catches. Returns
+    {image name as given: name as stored (zip member name)}."""
+    t0 = time.time()
+    names = list(dict.fromkeys(p for i in f.alive for p in images[i]))
+    stored = {n: n for n in names} if where['kind'] == 'shards' else \
+        existing_images(where['kind'], where['root'], names)
+    f.keep('missing_image', lambda i: all(p in stored for p in images[i]))
+    print(f'checked {len(names):,} image paths in {time.time() - t0:.1f}s')
+    if verify:
+        t0 = time.time()
+        todo = list(dict.fromkeys(stored[p] for i in f.alive for p in images[i]))
+        results = map_images(check_image, [image_ref(where, n) for n in todo], where['kind'], where['root'],
+                             workers, 'verify images', shards=where['shards'])
+        bad = {n: why for n, why in zip(todo, results) if why}
+        # a record goes under the rule of its first bad image
+        why = {i: next(bad[stored[p]] for p in images[i] if stored[p] in bad)
+               for i in f.alive if any(stored[p] in bad for p in images[i])}
+        for rule in ('missing_image', 'zero_byte_image', 'undecodable_image', 'tiny_image', 'decompression_bomb'):
+            f.keep(rule, lambda i: why.get(i) != rule)
+        print(f'verified {len(todo):,} images in {time.time() - t0:.1f}s ({len(bad):,} bad)')
+    return stored
+
+
 def pack(out_dir, names, kind, root, workers, pack_size=None, shards=None):
     """All kept images streamed into one file (temp name until the dataset is written);
     returns (temp path, int64 offsets [n + 1])."""
-    from common import atomic_write
     t0 = time.time()
     tmp = os.path.join(out_dir, 'images_packed.bin.part')
     offsets = np.zeros(len(names) + 1, np.int64)

@@ -1,19 +1,17 @@
 """
-Generation and evaluation: captions for batches of images, the val loss, and the evaluation
-report (what `sample.py --eval` writes and train.py writes at the end of a run).
+Generation and evaluation: captions for batches of images, the val loss with its controls,
+the golden-set captions, and the evaluation (what `sample.py --eval` writes and train.py
+writes at the end of a run; the files themselves are written by report.py).
 
 Read top to bottom:
 1) generation: prompts for 1-2 images or a user prompt, batched captioning,
 2) losses: caption loss on the val split, also with the images shuffled and with no image
    at all (the connector provably uses the image when the first is far below the others),
-3) caption rows for val / golden samples and the QA set (an unreadable image skips its row
-   and is counted, never the end of an evaluation),
-4) evaluate(): everything scored with metrics.py, written as report/{report.md,
-   generations.jsonl, metrics.json, loss.png, thumbs/},
-5) the report writer (markdown tables, a loss-curve picture drawn with PIL, a gallery).
+3) caption rows for val / golden samples (spread over the ranks during DDP training) and the
+   QA set (an unreadable image skips its row and is counted, never the end of an evaluation),
+   and the check that the frozen LLM is untouched,
+4) evaluate(): everything scored with metrics.py and written by report.write_report.
 """
-import contextlib
-import html
 import io
 import json
 import math
@@ -24,10 +22,10 @@ import numpy as np
 import torch
 
 import data
-import metrics
 import model as M
-from common import UserError, atomic_write_text, autocast as autocast_for
-from images import load_image
+from configurator import UserError, atomic_write_text, first_line
+from evaluation import metrics, report
+from sources.images import load_image
 
 # -----------------------------------------------------------------------------
 # Generation
@@ -63,20 +61,8 @@ def caption_batch(vlm, tok, image_groups, prompt=None, temperature=0.0, top_p=0.
     return out
 
 
-def backbone_autocast(vlm):
-    """The autocast training used for these backbones (bf16 backbones: bf16 autocast)."""
-    return autocast_for(vlm.pix_mean.device, next(vlm.llm.parameters()).dtype)
-
 # -----------------------------------------------------------------------------
 # Losses
-
-
-@torch.no_grad()
-def caption_loss_sums(vlm, batches, autocast=contextlib.nullcontext()):
-    """(summed caption-token loss, caption tokens, skipped samples) over collated batches;
-    the caller divides (and, under DDP, all-reduces first)."""
-    sums, bad = control_loss_sums(vlm, batches, autocast, controls=False)
-    return sums[0][0], int(sums[0][1]), bad
 
 
 # The val loss alone cannot tell a connector that sees from one that has learnt a soft prompt
@@ -87,7 +73,7 @@ CONTROLS = ('right', 'shuffled', 'no_image')
 
 
 @torch.no_grad()
-def control_loss_sums(vlm, batches, autocast=contextlib.nullcontext(), controls=True):
+def control_loss_sums(vlm, batches, controls=True):
     """[[loss sum, caption tokens]] for the right images, and with controls also for the
     images shuffled within each batch and with no image (CONTROLS order), plus the skipped
     samples. The shuffled pass costs one more forward pass per batch, the no-image pass a
@@ -104,7 +90,7 @@ def control_loss_sums(vlm, batches, autocast=contextlib.nullcontext(), controls=
             if not v['n_targets']:
                 continue
             images, input_ids, target_pos, target_ids, position_ids = data.to_device(v, device)
-            with autocast:
+            with M.eager():  # no-grad variants (a last batch of one, no images) would recompile the blocks
                 loss = vlm(images, input_ids, target_pos, target_ids, position_ids=position_ids, reduction='sum')
             sums[k][0] += loss.item()
             sums[k][1] += v['n_targets']
@@ -153,7 +139,7 @@ def val_losses(vlm, ds, n, batch_size):
     and with no image; the first is the val loss. None where nothing was measured."""
     samples = [ds[i] for i in range(n)]
     batches = [data.collate(samples[s:s + batch_size], pad_id=vlm.eos_id) for s in range(0, n, batch_size)]
-    sums, bad = control_loss_sums(vlm, batches, backbone_autocast(vlm))
+    sums, bad = control_loss_sums(vlm, batches)
     right, shuffled, none = (s / c if c else None for s, c in sums)
     return dict(loss=right, caption_ppl=math.exp(min(right, 50)) if right is not None else None,
                 loss_shuffled_images=shuffled, loss_no_image=none, skipped_samples=bad)
@@ -196,6 +182,54 @@ def caption_rows(vlm, tok, ds, indices, decoding, batch_size, prefix='val', refs
                          generation=cap, references=[own] + [r for r in others if r != own],
                          pil=None if ds.reader.kind == 'folder' else _pil(raws[0])))
     return rows, len(indices) - len(ok)
+
+
+def all_gather(obj):
+    """Every rank's obj, in rank order, on every rank (a list of one without DDP)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def spread(fn, items, rank=0, world_size=1):
+    """fn(this rank's share of items) on every rank, each with items[rank::world_size], then
+    [(result, error)] of all ranks: under DDP no rank waits while one captions everything, and
+    a failure on one rank comes back as its error instead of leaving the others in a
+    collective. Every rank must call it."""
+    try:
+        mine = (fn(items[rank::world_size]), None)
+    except Exception as e:  # reported by the caller; the collective below must still happen
+        mine = (None, f'{type(e).__name__}: {e}')
+    return all_gather(mine)
+
+
+def sample_golden(vlm, tok, ds, golden, path, iter_num, max_new_tokens, batch_size, rank=0, world_size=1):
+    """Greedy captions of the golden val samples, spread over the ranks, appended to `path`
+    (samples.jsonl) by rank 0: {iter, id, generation, reference} in golden order. Every rank
+    calls it; returns the lines for rank 0 to print (a failure is a warning line, never an
+    exception: sample logs are worth less than the run)."""
+    def caption(share):
+        rows, skipped = caption_rows(vlm, tok, ds, share, dict(max_new_tokens=max_new_tokens), batch_size,
+                                     prefix='golden')
+        return [dict(iter=iter_num, id=r['id'], generation=r['generation'], reference=r['references'][0])
+                for r in rows], skipped
+    parts = spread(caption, [i for i in golden if i < len(ds)], rank, world_size)
+    error = next((e for _, e in parts if e), None)
+    if error:
+        return [f'  warning: golden-set sampling failed at iter {iter_num} ({first_line(error)}); training goes on']
+    order = {f'golden/{i}': k for k, i in enumerate(golden)}
+    rows = sorted((r for (got, _), _ in parts for r in got), key=lambda r: order[r['id']])
+    skipped = sum(n for (_, n), _ in parts)
+    try:
+        if rank == 0:
+            with open(path, 'a') as f:
+                f.writelines(json.dumps(r) + '\n' for r in rows)
+    except OSError as e:
+        return [f'  warning: golden samples not written at iter {iter_num} ({first_line(e)}); training goes on']
+    return [f'  sample {r["id"]}: {r["generation"]!r}  (ref: {r["reference"]!r})' for r in rows[:2]] + \
+        ([f'  warning: {skipped} golden samples skipped (unreadable images)'] if skipped else [])
 
 
 def _pil(raw):
@@ -244,24 +278,23 @@ def qa_rows(vlm, tok, path, decoding, batch_size):
 
 @torch.no_grad()
 def llm_untouched(vlm, tok, texts):
-    """Is the frozen LLM still the one that was loaded? Every weight against the fingerprint
-    taken when it was built (model.weights_fingerprint: no second copy of the LLM anywhere),
-    and text-only logits through the VLM's path (inputs_embeds, no images) against the LLM's
-    own (input_ids). Returns dict(ok, max_abs_logit_diff, changed_weights)."""
+    """Is the frozen LLM still the one that was loaded? Its logits on the probe tokens taken
+    when it was built (model.check_head: no copy of any weight kept), and text-only logits
+    through the VLM's path (inputs_embeds, no images) against the LLM's own (input_ids).
+    Returns dict(ok, max_abs_logit_diff, probe_logit_diff)."""
     device = vlm.pix_mean.device
     bos = [] if vlm.bos_id is None else [vlm.bos_id]
     ids = [bos + tok(t, add_special_tokens=False)['input_ids'][:32] or [vlm.eos_id] for t in texts]
     diff = 0.0
-    for i in ids:
-        x = torch.tensor([i], device=device)
-        ours = vlm.llm(inputs_embeds=vlm.embed(None, x)).logits.float()
-        diff = max(diff, float((ours - vlm.llm(input_ids=x).logits.float()).abs().max()))
-    want = getattr(vlm.llm, 'frozen_fingerprint', None)
-    now = M.weights_fingerprint(vlm.llm)
-    changed = sorted(k for k in now if want is None or want.get(k) != now[k])
-    dtype = next(vlm.llm.parameters()).dtype
-    ok = diff <= (1e-4 if dtype == torch.float32 else 1e-2) and not changed
-    return dict(ok=ok, max_abs_logit_diff=diff, changed_weights=changed[:10], n_changed_weights=len(changed))
+    with M.eager():
+        for i in ids:
+            x = torch.tensor([i], device=device)
+            ours = vlm.llm(inputs_embeds=vlm.embed(None, x), use_cache=False).logits.float()
+            diff = max(diff, float((ours - vlm.llm(input_ids=x, use_cache=False).logits.float()).abs().max()))
+        probe_ids, at_build = vlm.llm.probe
+        probe = float((M.probe_logits(vlm.llm)[1] - at_build).abs().max())
+    tol = 1e-4 if next(vlm.llm.parameters()).dtype == torch.float32 else 1e-2
+    return dict(ok=diff <= tol and probe == 0.0, max_abs_logit_diff=diff, probe_logit_diff=probe)
 
 # -----------------------------------------------------------------------------
 # The evaluation
@@ -319,7 +352,7 @@ def evaluate(vlm, tok, model_args, prepared, out_dir, *, num=500, qa_path=None, 
     m['seconds'] = time.time() - t0
     if base_metrics is not None:
         m['baseline'] = base_metrics
-    write_report(out_dir, rows, m, log_path=log_path)
+    report.write_report(out_dir, rows, m, log_path=log_path)
     atomic_write_text(os.path.join(out_dir, 'metrics.json'), json.dumps(m, indent=2, default=float))
     return m
 
@@ -354,256 +387,3 @@ def summary_line(m):
         parts.append(f'{skipped} rows skipped (unreadable images)')
     return ' | '.join(parts)
 
-# -----------------------------------------------------------------------------
-# The report: report.md (metrics, loss curve, length distributions, gallery), generations.jsonl
-
-
-def _thumbnail(src, dst, size=128):
-    """src: an image path or a PIL image. Returns True if dst was written."""
-    from PIL import Image, ImageOps
-    try:
-        if isinstance(src, Image.Image):
-            im = ImageOps.exif_transpose(src)  # a copy: the caller's image is untouched
-        else:
-            with Image.open(src) as f:
-                f.draft('RGB', (2 * size, 2 * size))  # JPEG: decode at a reduced scale, much faster
-                im = ImageOps.exif_transpose(f)
-        im = im.convert('RGB')
-        im.thumbnail((size, size))
-        im.save(dst, 'JPEG', quality=85)
-        return True
-    except Exception:  # an unreadable image costs its thumbnail, never the report
-        return False
-
-
-def read_log(path):
-    """Records of a log.jsonl; a torn last line (a run killed mid-write) is left out."""
-    out = []
-    if path and os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    out.append(json.loads(line))
-                except ValueError:
-                    continue
-    return out
-
-
-# (log key, legend, colour) of each curve plot_losses draws
-PLOTTED = [('loss', 'train loss', (31, 119, 180)), ('val_loss', 'val loss', (255, 127, 14)),
-           ('val_loss_shuffled', 'val, shuffled images', (214, 39, 40)),
-           ('val_loss_no_image', 'val, no image', (127, 127, 127))]
-
-
-def plot_losses(records, path, size=(720, 360)):
-    """Train and val loss against step, and the val loss with shuffled images and with no
-    image where the log has them (the step where the val loss leaves the shuffled one is where
-    the connector starts to see), drawn with PIL (no plotting dependency). Returns True if a
-    picture was written."""
-    from PIL import Image, ImageDraw, ImageFont
-    series = [(key, name, color, [(r['iter'], r[key]) for r in records if isinstance(r.get(key), (int, float))
-                                  and math.isfinite(r[key])])
-              for key, name, color in PLOTTED]
-    series = [x for x in series if x[3]]
-    pts = [p for *_, xy in series for p in xy]
-    if len(pts) < 2:
-        return False
-    try:
-        font = ImageFont.load_default(size=13)
-    except TypeError:  # Pillow < 10.1: fixed-size bitmap font
-        font = ImageFont.load_default()
-    W, H = size
-    left, right, top, bottom = 64, 20, 16, 44
-    x1 = max(p[0] for p in pts) or 1
-    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
-    y0, y1 = y0 - 0.05 * (y1 - y0 + 1e-9), y1 + 0.05 * (y1 - y0 + 1e-9)
-    X = lambda x: left + (W - left - right) * x / x1  # noqa: E731
-    Y = lambda y: top + (H - top - bottom) * (y1 - y) / (y1 - y0)  # noqa: E731
-    im = Image.new('RGB', size, 'white')
-    d = ImageDraw.Draw(im)
-    for k in range(6):  # grid and tick labels
-        xv, yv = x1 * k / 5, y0 + (y1 - y0) * k / 5
-        d.line([(X(xv), top), (X(xv), H - bottom)], fill=(230, 230, 230))
-        d.line([(left, Y(yv)), (W - right, Y(yv))], fill=(230, 230, 230))
-        d.text((X(xv), H - bottom + 6), f'{xv:.0f}', fill='black', font=font, anchor='ma')
-        d.text((left - 6, Y(yv)), f'{yv:.2f}', fill='black', font=font, anchor='rm')
-    d.rectangle([left, top, W - right, H - bottom], outline='black')
-    d.text(((left + W - right) / 2, H - 16), 'step', fill='black', font=font, anchor='ma')
-    for k, (key, name, color, pts) in enumerate(series):
-        xy = [(X(x), Y(y)) for x, y in pts]
-        if len(xy) > 1:
-            d.line(xy, fill=color, width=2)
-        for x, y in xy if key != 'loss' else []:  # evals are few: each one a dot
-            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-        d.line([(W - right - 190, top + 14 + 18 * k), (W - right - 165, top + 14 + 18 * k)], fill=color, width=3)
-        d.text((W - right - 158, top + 14 + 18 * k), name, fill='black', font=font, anchor='lm')
-    im.save(path)
-    return True
-
-
-def _jsonable(x):
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, os.PathLike):
-        return os.fspath(x)
-    return str(x)  # last resort: one odd value must not lose the whole file
-
-
-def _md(s):
-    # one table cell: escape HTML ("<image>" would vanish), pipes, and newlines
-    return html.escape(str(s), quote=False).replace('|', '\\|').replace('\n', '<br>')
-
-
-def _fmt(v):
-    if isinstance(v, (bool, np.bool_)):
-        return str(bool(v))
-    if isinstance(v, (float, np.floating)):
-        return f'{v:.4f}'
-    return 'not measured' if v is None else str(v)
-
-
-def _is_length_stats(v):
-    return isinstance(v, dict) and 'bins' in v and 'generated' in v and 'references' in v
-
-
-def _walk_metrics(d, prefix=''):
-    """yields (dotted key, value) for scalars and length-stat tables; lists (per-sample) are skipped"""
-    for k, v in d.items():
-        key = f'{prefix}{k}'
-        if _is_length_stats(v):
-            yield key, v
-        elif isinstance(v, dict):
-            yield from _walk_metrics(v, key + '.')
-        elif v is None or isinstance(v, (bool, int, float, str, np.number, np.bool_)):
-            yield key, v  # None: a metric of an empty set, shown as 'not measured'
-
-
-def _row_scores(row):
-    parts = []
-    if 'bleu4' in row:
-        parts.append(f"BLEU-4 {metrics.fmt(row['bleu4'])}")
-    if 'cider_d' in row:
-        parts.append(f"CIDEr-D {metrics.fmt(row['cider_d'])}")
-    if row.get('hallucinated'):
-        parts.append('hallucinated: ' + ', '.join(row['hallucinated']))
-    for k in ('correct', 'exact', 'contains'):
-        if k in row:
-            parts.append(f"{k} {'yes' if row[k] else 'no'}")
-    return '<br>'.join(_md(p) for p in parts)
-
-
-def _metrics_table(metrics, notes=None, columns=None):
-    """The metrics as one table; with a baseline (metrics['baseline']), side by side. notes:
-    the paragraph above the table (default: what the val metrics mean). columns: {title:
-    metrics dict} shown first as one table with a column per dict (a benchmark's scores over
-    all images and per domain)."""
-    header = ('checkpoint', 'decoding', 'seed', 'seconds')
-    base = dict(_walk_metrics(metrics.get('baseline', {})))
-    found = [(k, v) for k, v in _walk_metrics({k: v for k, v in metrics.items() if k not in ('baseline', *header)})
-             if not _is_length_stats(v)]
-    if not found and not columns:
-        return []
-    about = ', '.join(f'{k} {_fmt(metrics[k])}' for k in header if k in metrics)
-    about += '; untrained: the connector as initialised, same seed' if base else ''
-    lines = ['## Metrics', '', _md(about), '', notes if notes is not None else
-             'val.loss: caption-token loss with the right images; loss_shuffled_images: the same captions with '
-             "another sample's image; loss_no_image: the caption from text alone (the connector uses the image "
-             'when val.loss is far below both). BLEU-4 (corpus) and CIDEr-D as in the COCO caption evaluation; '
-             'chair_i: hallucinated object mentions / object mentions, chair_s: captions with one or more '
-             '(CHAIR, all references of a sample as ground truth); qa_accuracy: the answer named, not negated, and '
-             'no other answer of its kind named; qa_contains_lenient: the answer appears anywhere.', '']
-    if columns:
-        flat = [dict(_walk_metrics(d)) for d in columns.values()]
-        keys = list(dict.fromkeys(k for f in flat for k in f))
-        lines += ['| metric | ' + ' | '.join(_md(t) for t in columns) + ' |', '|---' * (len(columns) + 1) + '|']
-        lines += ['| ' + ' | '.join([_md(k)] + [_md(_fmt(f.get(k))) for f in flat]) + ' |' for k in keys]
-        lines += ['']
-    if not found:
-        return lines
-    if base:
-        lines += ['| metric | trained | untrained |', '|---|---|---|']
-        lines += [f'| {_md(k)} | {_md(_fmt(v))} | {_md(_fmt(base.get(k)))} |' for k, v in found]
-    else:
-        lines += ['| metric | value |', '|---|---|']
-        lines += [f'| {_md(k)} | {_md(_fmt(v))} |' for k, v in found]
-    return lines + ['']
-
-
-def _length_tables(metrics):
-    lines = []
-    for key, ls in ((k, v) for k, v in _walk_metrics(metrics) if _is_length_stats(v) and
-                    not k.startswith('baseline.')):
-        lines += [f'## Caption length in words: {_md(key)}', '',
-                  '| | n | mean | median | p10 | p90 |', '|---|---|---|---|---|---|']
-        for name in ('generated', 'references'):
-            s = ls[name]
-            lines.append(f"| {name} | {s['n']} | {s['mean']:.1f} | {s['median']:.1f} | {s['p10']:.1f} | "
-                         f"{s['p90']:.1f} |")
-        lines += ['', '| words | generated | references |', '|---|---|---|']
-        g_n, r_n = max(1, ls['generated']['n']), max(1, ls['references']['n'])
-        for b, g, r in zip(ls['bins'], ls['generated']['hist'], ls['references']['hist']):
-            lines.append(f'| {b} | {g} ({100 * g / g_n:.0f}%) | {r} ({100 * r / r_n:.0f}%) |')
-        lines.append('')
-    return lines
-
-
-def _gallery(out_dir, rows, thumbs, gallery_size):
-    shown = rows[:gallery_size]
-    if not shown:
-        return []
-    if thumbs:
-        os.makedirs(os.path.join(out_dir, 'thumbs'), exist_ok=True)
-    lines = [f'## Gallery (first {len(shown)} of {len(rows)})', '']
-    lines += ['| # | image | generation | reference | scores |', '|---|---|---|---|---|'] if thumbs else \
-        ['| # | generation | reference | scores |', '|---|---|---|---|']
-    for i, row in enumerate(shown):
-        refs = row.get('references') or row.get('answers') or []
-        refs = [refs] if isinstance(refs, str) else refs
-        cells = [_md(row.get('id', i))]
-        if thumbs:
-            srcs = row['pil'] if row.get('pil') is not None else row.get('image')
-            srcs = srcs if isinstance(srcs, (list, tuple)) else ([] if srcs is None else [srcs])
-            imgs = []
-            for k, src in enumerate(srcs):
-                name = f'thumbs/{i:04d}_{k}.jpg'  # by position: ids can hold any character
-                if _thumbnail(src, os.path.join(out_dir, name)):
-                    imgs.append(f"![{_md(row.get('id', i))}]({name})")
-            cells.append(' '.join(imgs))
-        cells += [_md(row.get('generation', '')), '<br>'.join(_md(r) for r in refs), _row_scores(row)]
-        lines.append('| ' + ' | '.join(cells) + ' |')
-    return lines + ['']
-
-
-def write_report(out_dir, rows, metrics, thumbs=True, title='Evaluation report', gallery_size=32, log_path=None,
-                 notes=None, columns=None):
-    """
-    Writes out_dir/generations.jsonl (every row: id, image, prompt, generation, references,
-    then any per-sample scores; a row's PIL image under "pil" is not written) and
-    out_dir/report.md: metrics table (trained vs untrained when metrics has a 'baseline'), the
-    loss curve of log_path (a training log.jsonl) as loss.png, length distributions, and a
-    gallery of the first gallery_size rows with 128 px JPEG thumbnails in out_dir/thumbs/.
-    Rows name their image by path under "image" (or a list of paths, multi-image) or carry it
-    under "pil". All links are relative to out_dir, so the folder renders wherever it is
-    copied. notes and columns: see _metrics_table (a benchmark's report). Returns report.md's
-    path.
-    """
-    os.makedirs(out_dir, exist_ok=True)
-    lines_out = []
-    for i, row in enumerate(rows):
-        out = {'id': row.get('id', i), 'image': row.get('image'), 'prompt': row.get('prompt'),
-               'generation': row.get('generation'), 'references': row.get('references')}
-        out.update((k, v) for k, v in row.items() if k not in out and k != 'pil')
-        lines_out.append(json.dumps(out, ensure_ascii=False, default=_jsonable) + '\n')
-    atomic_write_text(os.path.join(out_dir, 'generations.jsonl'), ''.join(lines_out))
-
-    lines = [f'# {title}', '', f'{len(rows)} generations; every one, with its per-sample scores, is in '
-             f'[generations.jsonl](generations.jsonl).', '']
-    lines += _metrics_table(metrics, notes, columns)
-    if log_path and plot_losses(read_log(log_path), os.path.join(out_dir, 'loss.png')):
-        lines += ['## Loss curve', '', '![train and val loss against step, val also with shuffled images and with no '
-                  'image](loss.png)', '']
-    lines += _length_tables(metrics)
-    lines += _gallery(out_dir, rows, thumbs, gallery_size)
-    path = os.path.join(out_dir, 'report.md')
-    atomic_write_text(path, '\n'.join(lines))
-    return path

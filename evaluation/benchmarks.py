@@ -14,7 +14,8 @@ Read top to bottom:
 2) object hallucination on COCO as published: CHAIR with COCO's 80 classes, the image's
    segmented objects (instances_val2014.json) and its captions' objects as ground truth,
 3) captioning the images (batched greedy decoding, the training template),
-4) scoring (overall, NoCaps also per domain) and evaluate_bench(), what train.py calls,
+4) scoring (overall, NoCaps also per domain) and evaluate_bench(), what train.py calls at
+   each eval (the captioning spread over the ranks),
 5) run_bench(): the official results file, metrics.json and the report,
 6) write_synthetic(): the synthetic val split in these layouts, five references per image
    (the CPU demo's stand-in for COCO, and the tests').
@@ -26,9 +27,8 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
-import coco_caption
-import metrics
-from common import Progress, UserError, atomic_write_text
+from configurator import Progress, UserError, atomic_write_text
+from evaluation import coco_caption, evaluate, metrics, report
 
 BENCHMARKS = ('coco', 'nocaps', 'flickr30k')
 KARPATHY_SPLITS = ('train', 'restval', 'val', 'test')
@@ -201,7 +201,6 @@ COCO_WORDS.update({f'{a} {b}': b for a in ('baby', 'adult', 'mother') for b in
 COCO_WORDS.update({f'passenger {v}': COCO_WORDS[v] for v in ('train', 'jet', 'plane', 'airplane', 'bus', 'car',
                                                                'boat')})
 # "orange" is the fruit unless it colours what follows ("an orange cat", "orange and white")
-_COLOURS = set('red green blue yellow purple white black pink brown gray grey tan silver gold'.split())
 _COLOURED = set('shirt jacket vest coat dress helmet cone cones wall walls sky roof background color colored coloured '
                 'striped juice light lights jersey uniform paint'.split())
 
@@ -212,7 +211,7 @@ def coco_objects(caption):
     for i, t in enumerate(toks):
         if t == 'orange':
             nxt, after = (toks[i + 1:i + 2] or [''])[0], (toks[i + 2:i + 3] or [''])[0]
-            if nxt in _COLOURS or nxt in _COLOURED or (nxt in ('and', 'or') and after in _COLOURS) or \
+            if nxt in metrics.COLOURS or nxt in _COLOURED or (nxt in ('and', 'or') and after in metrics.COLOURS) or \
                     (nxt and metrics.objects_in(nxt)):
                 toks[i] = 'orangecolour'  # the colour: names no object
     return metrics.objects_in(' '.join(toks), COCO_WORDS)
@@ -278,8 +277,7 @@ def caption_items(vlm, tok, items, prompt=None, max_new_tokens=64, batch_size=32
     """Greedy captions for benchmark items: ({image id: caption}, [items that could not be
     read]). Images are read by a few threads one batch ahead (PIL decodes without the GIL)
     and never all held at once."""
-    from images import load_image
-    import evaluate
+    from sources.images import load_image
 
     def read(it):
         try:
@@ -332,13 +330,14 @@ def score_bench(b, captions, instances=None, meteor_spice=True):
 
 
 def evaluate_bench(vlm, tok, bench, ann, images, num=500, batch_size=32, split=None, prompt=None,
-                   max_new_tokens=64, instances=None, meteor_spice=False):
+                   max_new_tokens=64, instances=None, meteor_spice=False, rank=0, world_size=1):
     """
     Captions the first `num` images (0: all) of a benchmark file and scores them: the
     metrics dict of score_bench (Bleu_1..4, ROUGE_L, CIDEr, ...; NoCaps per domain; CHAIR)
     plus 'skipped' (counts) and 'seconds'. For train.py's eval: the file is read once per
     process (cached), METEOR and SPICE are off by default (each starts a Java process), and
-    the connector's train/eval mode is restored afterwards.
+    the connector's train/eval mode is restored afterwards. Under DDP every rank calls it and
+    captions its share (evaluate.spread); rank 0 scores and gets the metrics, the others None.
     """
     t0 = time.time()
     check_instances(instances)
@@ -346,9 +345,19 @@ def evaluate_bench(vlm, tok, bench, ann, images, num=500, batch_size=32, split=N
     was_training = vlm.training
     vlm.eval()
     try:
-        captions, bad = caption_items(vlm, tok, b['items'], prompt, max_new_tokens, batch_size, f'{bench} captions')
+        parts = evaluate.spread(lambda share: caption_items(vlm, tok, share, prompt, max_new_tokens, batch_size,
+                                                          f'{bench} captions'), b['items'], rank, world_size)
     finally:
         vlm.train(was_training)
+    error = next((e for _, e in parts if e), None)
+    if error:
+        raise RuntimeError(error)
+    captions, bad = {}, []
+    for (caps, unread), _ in parts:
+        captions.update(caps)
+        bad += unread
+    if rank != 0:
+        return None
     if not captions:
         raise UserError(f"none of the {len(b['items'])} {bench} images could be read (e.g. {b['items'][0]['image']})")
     if instances is None and bench == 'coco':
@@ -357,6 +366,14 @@ def evaluate_bench(vlm, tok, bench, ann, images, num=500, batch_size=32, split=N
     m['skipped'] = dict(b['skipped'], **({'unreadable_image': len(bad)} if bad else {}))
     m['seconds'] = time.time() - t0
     return m
+
+def log_entry(m, bench, iter_num):
+    """(log.jsonl record, console line) of evaluate_bench's metrics at a training step."""
+    scores = {k: m[k] for k in ('CIDEr', 'Bleu_4', 'ROUGE_L') if isinstance(m.get(k), (int, float))}
+    rec = dict(iter=iter_num, bench=bench, **{f'bench_{k}': v for k, v in scores.items()}, bench_images=m['images'],
+               bench_s=m['seconds'])
+    return rec, (f'  {bench} ({m["images"]} images): ' + ' | '.join(f'{k} {v:.3f}' for k, v in scores.items())
+                 + f' | {m["seconds"]:.0f}s')
 
 # -----------------------------------------------------------------------------
 # The command: results file, metrics.json, report
@@ -370,7 +387,6 @@ def run_bench(vlm, tok, b, out_dir, checkpoint='', prompt=None, max_new_tokens=6
     results file: [{image_id, caption}], for the toolkit or an evaluation server),
     metrics.json, report.md (benchmark table, length distribution, gallery with every
     reference), generations.jsonl and thumbs/. Returns the metrics."""
-    import evaluate
     t0 = time.time()
     check_instances(instances)  # before the captions: a typo must not cost the whole run
     captions, bad = caption_items(vlm, tok, b['items'], prompt, max_new_tokens, batch_size,
@@ -392,7 +408,7 @@ def run_bench(vlm, tok, b, out_dir, checkpoint='', prompt=None, max_new_tokens=6
     columns = {'all images': {k: m[k] for k in TOOLKIT_KEYS if k in m}}
     columns.update((d, {k: m[d][k] for k in TOOLKIT_KEYS if k in m[d]}) for d in DOMAINS if d in m)
     shown = {k: v for k, v in full.items() if k not in TOOLKIT_KEYS and k not in DOMAINS}
-    evaluate.write_report(out_dir, rows, shown, title=f"{NAMES[b['bench']]} benchmark", notes=_notes(m),
+    report.write_report(out_dir, rows, shown, title=f"{NAMES[b['bench']]} benchmark", notes=_notes(m),
                           columns=columns)
     return full
 
@@ -446,7 +462,7 @@ def write_synthetic(data_dir, out_dir):
     val images in the test split, the others in train), captions_val.json (COCO style) and
     nocaps_val.json (COCO style with a domain per image, by shape). Returns their paths."""
     import data
-    from synthetic import PLURALS
+    from sources.synthetic import PLURALS
     prepared = data.open_prepared(os.path.join(data_dir, 'prepared'))
     paths = [p.decode() if isinstance(p, bytes) else str(p) for p in prepared['image_paths']]
     val = {paths[int(i)] for i in prepared['val'][1][:, 2]}

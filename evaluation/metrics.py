@@ -215,7 +215,7 @@ def rouge_l(candidates, references_list, beta=1.2, tokenize=tokenize_caption):
 # -----------------------------------------------------------------------------
 # object hallucination (CHAIR, Rohrbach et al. 2018, with the references as ground truth)
 
-SHAPES = ('circle', 'square', 'triangle', 'diamond', 'star', 'cross')  # the synthetic dataset's
+SHAPES = ('circle', 'square', 'triangle', 'diamond', 'star', 'cross')  # the synthetic dataset's (sources/synthetic.py)
 
 # Canonical object -> its surface forms (comma separated, canonical first): the 80 COCO
 # categories ("sports ball" -> ball, "potted plant" -> plant, "dining table" -> table) with
@@ -392,10 +392,10 @@ _NEGATIONS = set('not no never without none nor neither nothing isnt arent wasnt
                  'cannot cant'.split())
 # the kinds of answer word that must not be hedged: a prediction may name only those of a
 # kind that the accepted answers name. Counts are any number (words become digits).
-_COLOURS = set('red green blue yellow purple orange white black pink brown gray cyan magenta violet beige '
-               'turquoise teal maroon navy gold silver'.split())
+COLOURS = set('red green blue yellow purple orange white black pink brown gray grey tan cyan magenta violet beige '
+              'turquoise teal maroon navy gold silver'.split())
 _SHAPE_WORDS = set(SHAPES) | {'rectangle', 'oval', 'pentagon', 'hexagon'}
-_KINDS = (_COLOURS.__contains__, _SHAPE_WORDS.__contains__, str.isdigit)
+_KINDS = (COLOURS.__contains__, _SHAPE_WORDS.__contains__, str.isdigit)
 _NOUNS = {w for w in OBJECT_WORDS if ' ' not in w} | _SHAPE_WORDS
 
 def _singular(word):

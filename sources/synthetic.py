@@ -23,12 +23,12 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw
 
-from common import Progress, atomic_write_text
+from configurator import Progress, atomic_write_text
+from evaluation.metrics import SHAPES  # the caption metrics know the shapes as objects
 
 SIZE = 64
 COLORS = dict(red=(220, 40, 40), green=(40, 175, 60), blue=(50, 90, 235), yellow=(240, 220, 40),
               purple=(145, 60, 200), orange=(250, 140, 25), white=(245, 245, 245), pink=(250, 135, 195))
-SHAPES = ['circle', 'square', 'triangle', 'diamond', 'star', 'cross']
 PLURALS = dict(circle='circles', square='squares', triangle='triangles', diamond='diamonds', star='stars',
                cross='crosses')
 COUNT_WORDS = ['zero', 'one', 'two', 'three']
@@ -113,9 +113,10 @@ def qa_lines(image, groups, qid):
     return lines
 
 
-def make(args, prepare):
+def make(args, prepare, write_meta):
     """Draw args.synthetic scenes in the LLaVA layout under data_dir, prepare them with
-    `prepare` (prepare_llava.prepare: the same pipeline as real data), write qa.jsonl for the
+    `prepare` (prepare_llava.prepare: the same pipeline as real data; write_meta rewrites its
+    meta.json once the QA file exists), write qa.jsonl for the
     val images plus held-out scenes (never in the json) up to ~64 images, and make the frozen
     LLM (args.llm): pretrain the tiny LLM on the train captions, or convert SmolLM2 (once each:
     reused while unchanged)."""
@@ -149,7 +150,6 @@ def make(args, prepare):
     out_dir = run.out_dir or os.path.join(data_dir, 'prepared')
     # relative to the prepared folder, like the image root, so data/ can move
     meta['qa_file'] = os.path.relpath(write_qa(data_dir, val_images, scenes, args.seed), out_dir)
-    from data import write_meta
     write_meta(out_dir, meta)
     if llm == 'tiny' and not args.no_llm:
         val = {rel for (rel,) in val_images}
@@ -213,9 +213,9 @@ class Sequences:
 
     def __init__(self, tok, scenes, n_block, rng):
         import data
-        import model as M
+        from sources.tokens import special_ids
         enc = lambda s: tok(s, add_special_tokens=False)['input_ids']  # noqa: E731
-        ids = M.special_ids(tok)
+        ids = special_ids(tok)
         # the filler is the slot token itself: at alignment its embedding is overwritten anyway
         self.eos, self.filler, self.n_block, self.rng = ids['eos'], ids['slot'], n_block, rng
         self.bos = [] if ids['bos'] is None else [ids['bos']]
@@ -276,7 +276,7 @@ def pretrain_llm(scenes, out_dir, seed=1337, steps=600, batch_size=64, lr=3e-3, 
     Made once: a folder already trained on the same scenes and settings is reused."""
     import torch
     import torch.nn.functional as F
-    import model as M
+    from sources.backbones import TINY_LLM, backbone_config, seeded, tiny_tokenizer
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
     logging.disable_progress_bar()
@@ -289,10 +289,10 @@ def pretrain_llm(scenes, out_dir, seed=1337, steps=600, batch_size=64, lr=3e-3, 
     t0 = time.time()
     threads = torch.get_num_threads()
     torch.set_num_threads(min(4, os.cpu_count() or 1))  # a 0.3M-parameter model: more threads only add overhead
-    tok = M.tiny_tokenizer()
-    cfg = M.backbone_config('tiny', M.TINY_LLM)
+    tok = tiny_tokenizer()
+    cfg = backbone_config('tiny', TINY_LLM)
     cfg.vocab_size, cfg.eos_token_id = len(tok), tok.eos_token_id
-    with M.seeded('cpu', seed):
+    with seeded('cpu', seed):
         llm = AutoModelForCausalLM.from_config(cfg)
     seqs = Sequences(tok, scenes, n_block, np.random.default_rng(seed))
     opt = torch.optim.AdamW(llm.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -334,7 +334,7 @@ def smollm2_gguf():
     """Path of the GGUF file inside the installed package (found without importing it: the
     package's __init__ needs the `llm` tool, which is not installed), or a UserError."""
     import importlib.util
-    from common import UserError
+    from configurator import UserError
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_GGUF) if spec else None
     if not path or not os.path.isfile(path):
