@@ -6,17 +6,10 @@ $ python prepare_llava.py --json=caps.jsonl        # caption JSONL: {"id", "imag
 $ python prepare_llava.py --shards='cc3m/{00000..00331}.tar'   # WebDataset shards as img2dataset writes them
 $ python prepare_llava.py --synthetic=2000         # CPU demo data: drawn shapes -> data/synthetic/
 
-Inputs: the LLaVA json (a list of {"id", "image", "conversations": [human, gpt]}) with the
-images in a folder (images/) or still inside images.zip; a caption JSONL (1 or 2 images per
-record, paths relative to the JSONL's folder); or tar shards (a folder of *.tar, a glob or a
-brace range) whose images are indexed in place and read from the tars at train time.
-
-The output is flat, memory-mappable arrays plus meta.json, the contract with data.py (its
-files: docs/data.md), written so that an interrupted run never leaves a meta.json beside
-mismatched arrays.
-
-Cleaning: every record dropped is counted under the first rule it breaks, in RULES order.
-Nothing about one record is fatal.
+The LLaVA json's images may be a folder or still inside images.zip; a caption JSONL has 1 or 2
+images per record; shards are indexed in place and read from the tars at train time. The
+output (docs/data.md) is flat arrays plus meta.json, the contract with data.py. Every record
+dropped is counted under the first rule it breaks, in RULES order; no record is fatal.
 """
 import argparse
 import gc
@@ -86,8 +79,7 @@ def parse_args(argv=None):
         names = [f'--{name}'] + ([f'--{name.replace("_", "-")}'] if '_' in name else [])
         p.add_argument(*names, dest=name, **kw)
 
-    opt('data_dir', default=None, help="default data/llava_pretrain, or --json's folder, or data/synthetic "
-                                       "with --synthetic")
+    opt('data_dir', default=None, help="default data/llava_pretrain, --json's folder, or data/synthetic (--synthetic)")
     opt('json', default=None, help=f'default <data_dir>/{LLAVA_JSON}; a .jsonl file is read as caption JSONL')
     opt('images', default=None, help='image folder or zip; default <data_dir>/images, else <data_dir>/images.zip '
                                      '(caption JSONL: the JSONL\'s folder)')
@@ -106,8 +98,7 @@ def parse_args(argv=None):
     opt('seed', type=int, default=1337)
     opt('verify_images', action='store_true', help='decode every image (parallel) and drop bad ones')
     opt('skip_image_check', action='store_true', help='do not check that images exist (captions only)')
-    opt('allow_absolute_paths', action='store_true', help='caption JSONL: accept absolute image paths and '
-                                                          'paths outside the JSONL folder')
+    opt('allow_absolute_paths', action='store_true', help='caption JSONL: image paths may leave the JSONL folder')
     opt('pack_images', action='store_true', help='also write all images into one file (implies --verify_images); '
                                                  'their original bytes, so the pixels are exactly the same')
     opt('pack_size', type=int, default=0, help='with --pack_images: resize to this size and re-encode as JPEG '
@@ -158,8 +149,7 @@ def parse_args(argv=None):
 
 
 def _bad_text(*texts):
-    """True if a string cannot be written as UTF-8 (JSON allows lone surrogates like \\ud800,
-    which would kill the tokenizer or the path encoder later)."""
+    """True if a string cannot be written as UTF-8 (a JSON lone surrogate, \\ud800, would break the tokenizer)."""
     try:
         for t in texts:
             if t is not None:
