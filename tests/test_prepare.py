@@ -460,6 +460,8 @@ def test_one_line_errors(tmp_path):
     assert 'unrecognized' in error_of('--nope=1')
     assert 'max_tokens' in error_of('--min_tokens=9', '--max_tokens=3')
     assert error_of('--workers', 'two')
+    assert 'is a file' in error_of('--json', tmp_path / 'ok.json', '--out_dir', tmp_path / 'ok.json')  # before any work
+    assert 'is a file' in error_of('--synthetic=4', '--data_dir', tmp_path / 'ok.json' / 'sub')
 
 
 def test_cli_spellings():

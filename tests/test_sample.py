@@ -69,6 +69,8 @@ def sample_scripts(demo_run, synthetic, tmp_path_factory):
                        *cpu],
         'batch_size_0': ['sample.py', '--ckpt', demo_run / 'ckpt.pt', '--image', img, '--batch_size=0'],
         'top_p_0': ['sample.py', '--ckpt', demo_run / 'ckpt.pt', '--image', img, '--top_p=0'],
+        'out_is_a_file': ['sample.py', '--ckpt', demo_run / 'ckpt.pt', '--eval', '--out', img],
+        'export_below_a_file': ['sample.py', '--ckpt', demo_run / 'ckpt.pt', '--export', img / 'connector'],
         'ckpt_without_keys': ['sample.py', '--ckpt', tmp / 'no_args.pt', '--image', img, *cpu],
         'eval_damaged': ['sample.py', '--ckpt', demo_run / 'ckpt.pt', '--eval', '--baseline', '--data_dir', damaged,
                          '--num', '24', '--no_llm_check', '--out', tmp / 'damaged', *cpu],
@@ -163,6 +165,8 @@ def test_an_out_dir_means_its_latest_checkpoint(tmp_path):
 def test_bad_sample_arguments_are_one_line(sample_scripts):
     assert_one_error_line(sample_scripts[0]['batch_size_0'], 'batch_size')
     assert_one_error_line(sample_scripts[0]['top_p_0'], 'top_p')
+    assert_one_error_line(sample_scripts[0]['out_is_a_file'], '--out', 'is a file')  # before the model loads
+    assert_one_error_line(sample_scripts[0]['export_below_a_file'], '--export', 'is a file')
     assert_one_error_line(sample_scripts[0]['ckpt_without_keys'], 'model_args')
 
 # -----------------------------------------------------------------------------

@@ -313,6 +313,8 @@ BAD_SETTINGS = {  # name: (overrides, what the line must name)
     'resampler_heads=3': (['--resampler_heads=3'], 'resampler_heads'),
     'num_workers=-1': (['--num_workers=-1'], 'num_workers'),
     "out_dir=''": (['--out_dir='], 'out_dir'),
+    'out_dir=a file': (['--out_dir={file}'], 'is a file'),  # before the model is built, not a traceback after
+    'out_dir=below a file': (['--out_dir={file}/run'], 'is a file'),
     'init_from=bogus': (['--init_from=bogus'], 'init_from'),
     'grad_clip=-1': (['--grad_clip=-1'], 'grad_clip'),
     'multi_image_frac=2': (['--multi_image_frac=2'], 'multi_image_frac'),
@@ -377,11 +379,13 @@ def bad_setting_runs(synthetic, tmp_path_factory):
     """Every bad setting, run side by side: {name: (result, its out_dir)}."""
     tmp = tmp_path_factory.mktemp('settings')
     (tmp / 'raises.py').write_text('batch_size = 8\nlearning_rate = 1 / 0\n')
+    (tmp / 'a_file').write_text('not a folder')
     jobs, outs = {}, {}
     for k, (over, _) in BAD_SETTINGS.items():
         if k == 'device=cuda' and torch.cuda.is_available():
             continue
         outs[k] = tmp / f'out{len(jobs)}'
+        over = [o.format(file=tmp / 'a_file') for o in over]
         jobs[k] = [*train_args(synthetic, outs[k], *over), *([tmp / 'raises.py'] if k.startswith('config') else [])]
     return {k: (p, outs[k]) for k, p in run_forked(jobs, tmp).items()}
 
