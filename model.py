@@ -9,7 +9,7 @@ Read top to bottom:
 4) builders: a backbone by name (hub id or local folder with real weights, loaded straight
    onto the device; 'random:' from a config; 'tiny'), the whole VLM, loading a checkpoint.
 Backbone names and presets, the token rules of any LLM family and the towers' image rules
-live in sources/ (presets.py, tokens.py, images.py).
+live in sources/ (backbones.py, tokens.py, images.py).
 """
 import math
 import os

@@ -1,5 +1,5 @@
 """
-Tests of benchmarks.py and coco_caption.py: the benchmark files in each layout (small files
+Tests of evaluation/benchmarks.py and evaluation/coco_caption.py: the benchmark files in each layout (small files
 written here, and the synthetic val split with five references per image), bad files, the
 PTB tokenizer against the official one, the scores against pycocoevalcap, CHAIR on COCO, and
 sample.py --bench end to end on the CPU demo's checkpoint.
@@ -168,7 +168,7 @@ def test_scores_equal_the_recorded_toolkit_numbers():
 
 
 def test_scores_equal_pycocoevalcap_live():
-    """BLEU, ROUGE-L and CIDEr-D from metrics.py against the toolkit's own Python scorers on the
+    """BLEU, ROUGE-L and CIDEr-D from evaluation/metrics.py against the toolkit's own Python scorers on the
     same tokens (these need no Java: the tokens come from the Python tokenizer)."""
     pytest.importorskip('pycocoevalcap')
     from pycocoevalcap.bleu.bleu import Bleu

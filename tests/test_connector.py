@@ -1,5 +1,5 @@
 """
-Tests of connector.py's attention structure and of the numerics around it in model.py: the
+Tests of the connector's attention structure (model.py) and of the numerics around it: the
 Perceiver resampler block computed by hand from its weights, the latents' path into the
 keys and values, bf16 (the residual stream stays fp32, bf16 features without autocast),
 attn_implementation reaching both backbones, and activation checkpointing zeroing every

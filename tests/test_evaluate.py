@@ -1,5 +1,5 @@
 """
-Tests of evaluate.py's parts, each against a computation by hand on the tiny model: the val
+Tests of evaluation/evaluate.py's parts, each against a computation by hand on the tiny model: the val
 loss and its shuffled-image and no-image controls, the references a generation is scored
 against, the prompts for captions and for QA questions.
 

@@ -1,5 +1,5 @@
 """
-Tests of images.py: decoding any image mode to the tower's RGB pixels (16-bit and float
+Tests of sources/images.py: decoding any image mode to the tower's RGB pixels (16-bit and float
 images scaled by their bit depth), real photos, reading image bytes back from a folder,
 images.zip or the packed file, pixel parity with the towers' own image processors (SigLIP,
 CLIP, what VLM.encode_images feeds the tower, family defaults), and packing (lossless by
@@ -174,7 +174,7 @@ def test_mode_i_and_f_images():
 
 
 def pil_processor(name):
-    """transformers' PIL-backend processor class (the one images.py mirrors): `XImageProcessorPil`
+    """transformers' PIL-backend processor class (the one sources/images.py mirrors): `XImageProcessorPil`
     in transformers 5, `XImageProcessor` before."""
     import transformers
     return getattr(transformers, f'{name}Pil', None) or getattr(transformers, name)
@@ -219,7 +219,7 @@ def composites_on_white(proc):
 
 
 def comparable(proc, files):
-    """The files whose pixels this processor defines as images.py does: transparent ones only
+    """The files whose pixels this processor defines as sources/images.py does: transparent ones only
     when it composites on white (a processor that drops alpha shows the hidden colours)."""
     if composites_on_white(proc):
         return files

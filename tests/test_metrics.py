@@ -1,5 +1,5 @@
 """
-Tests of metrics.py: BLEU-4 / CIDEr-D against the COCO caption evaluation code, CHAIR object
+Tests of evaluation/metrics.py: BLEU-4 / CIDEr-D against the COCO caption evaluation code, CHAIR object
 hallucination, strict QA accuracy, caption lengths, score_rows.
 
 $ python -m pytest -q tests/test_metrics.py          # about a second, no torch needed

@@ -1,5 +1,5 @@
 """
-Tests of model.py and connector.py on the tiny backbones: the connector, what is trained,
+Tests of model.py (the connector included) on the tiny backbones: the connector, what is trained,
 how images are spliced into the LLM's input, the caption-only loss (padded and packed),
 generation, activation checkpointing, other vision towers, the full-size backbones on the
 meta device, and loading real weights from local directories.

@@ -1,5 +1,5 @@
 """
-Tests of sample.py (the command line) and evaluate.py (generation, the evaluation report) on
+Tests of sample.py (the command line) and evaluation/evaluate.py (generation, the evaluation report) on
 the CPU demo's checkpoint: captions for a synthetic image and for real photos of any mode,
 the exported connector, the report written at the end of training against the untrained
 baseline, and the report writer itself.

@@ -1,5 +1,6 @@
 """
-Tests for shards.py: WebDataset tar shards as an image-caption source.
+Tests for sources/shards.py (and the shard readers of sources/images.py): WebDataset tar shards
+as an image-caption source.
 
 $ python -m pytest -q tests/test_shards.py          # a few seconds on 2 CPU cores
 

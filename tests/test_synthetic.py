@@ -1,5 +1,5 @@
 """
-Tests of synthetic.py (prepare_llava.py --synthetic): the drawn shapes dataset the CPU demo
+Tests of sources/synthetic.py (prepare_llava.py --synthetic): the drawn shapes dataset the CPU demo
 and the other tests use, its QA set, and its determinism.
 
 $ python -m pytest -q tests/test_synthetic.py
