@@ -81,19 +81,19 @@ def control_loss_sums(vlm, batches, controls=True):
     device = vlm.pix_mean.device
     sums, bad = [[0.0, 0] for _ in (CONTROLS if controls else CONTROLS[:1])], 0
     drop = [vlm.slot_id, *(vlm.brackets or ())]
-    for b in batches:
-        bad += b['n_bad']
-        if not b['n_targets']:
-            continue
-        variants = [b, _shuffled(b), without_images(b, drop, vlm.eos_id)] if controls else [b]
-        for k, v in enumerate(variants):
-            if not v['n_targets']:
+    with M.eager():  # no-grad variants (a last batch of one, no images) would recompile the blocks
+        for b in batches:
+            bad += b['n_bad']
+            if not b['n_targets']:
                 continue
-            images, input_ids, target_pos, target_ids, position_ids = data.to_device(v, device)
-            with M.eager():  # no-grad variants (a last batch of one, no images) would recompile the blocks
+            variants = [b, _shuffled(b), without_images(b, drop, vlm.eos_id)] if controls else [b]
+            for k, v in enumerate(variants):
+                if not v['n_targets']:
+                    continue
+                images, input_ids, target_pos, target_ids, position_ids = data.to_device(v, device)
                 loss = vlm(images, input_ids, target_pos, target_ids, position_ids=position_ids, reduction='sum')
-            sums[k][0] += loss.item()
-            sums[k][1] += v['n_targets']
+                sums[k][0] += loss.item()
+                sums[k][1] += v['n_targets']
     return sums, bad
 
 

@@ -140,10 +140,12 @@ def train_args(args, run_dir, data_dir, batch, steps):
             '--eval_iters=2', '--eval_max_new_tokens=16', '--eval_report_num=0', '--sample_interval=0']
 
 
-def run_train(check, name, argv, seconds):
+def run_train(check, name, argv, seconds, fresh=True):
     """train.py in a child process, its console in <run>/train.log: (exit code or None on a
-    timeout, its records, the warnings it printed)."""
+    timeout, its records, the warnings it printed). fresh: an earlier check's run goes first."""
     run_dir = next(a.split('=', 1)[1] for a in argv if a.startswith('--out_dir='))
+    if fresh:
+        shutil.rmtree(run_dir, ignore_errors=True)
     os.makedirs(run_dir, exist_ok=True)
     t0 = time.time()
     with open(os.path.join(run_dir, 'train.log'), 'a') as f:
@@ -201,7 +203,6 @@ def part_train(args, check, data_dir, steps, warm):
     """The real run's configuration, end to end: compiled steps on length-grouped batches,
     evals, golden sampling and the final report; 'ok' only if all ran clean."""
     run_dir = os.path.join(args.out_dir, 'train')
-    shutil.rmtree(run_dir, ignore_errors=True)
     every = max(steps // 3, 1)
     argv = train_args(args, run_dir, data_dir, args.batch_size, steps) + [
         '--compile=True', f'--eval_interval={every}', f'--sample_interval={every}', '--eval_report_num=16']
@@ -219,13 +220,13 @@ def part_train(args, check, data_dir, steps, warm):
 def part_eager(args, check, data_dir, steps, warm):
     """The same run without compile, stopped halfway and resumed: the resume on the card."""
     run_dir = os.path.join(args.out_dir, 'eager')
-    shutil.rmtree(run_dir, ignore_errors=True)
     argv = train_args(args, run_dir, data_dir, args.batch_size, steps) + [f'--eval_interval={steps // 2}']
     end = check.deadline('eager')
     code, _, _ = run_train(check, 'eager, first half', [*argv, f'--max_iters={steps // 2}'],
                            (end - time.time()) / 2)
     if code == 0:
-        code, records, _ = run_train(check, 'eager, resumed', [*argv, '--init_from=resume'], end - time.time())
+        code, records, _ = run_train(check, 'eager, resumed', [*argv, '--init_from=resume'], end - time.time(),
+                                     fresh=False)
         record(check, 'runs', steady(f'batch {args.batch_size}, eager, resumed (train.py)', records,
                                      steps // 2 + warm // 2, args.batch_size))
     check.out['resume_ok'] = code == 0
@@ -242,7 +243,6 @@ def part_worst(args, check, worst_dir, sizes, total_gib):
             break
         argv = train_args(args, os.path.join(args.out_dir, f'worst_{bs}'), worst_dir, bs, 3) + [
             '--multi_image_frac=1.0', '--eval_iters=1']
-        shutil.rmtree(os.path.join(args.out_dir, f'worst_{bs}'), ignore_errors=True)
         code, records, _ = run_train(check, f'worst case, batch {bs}', argv, min(end - time.time(), 300))
         rec = record(check, 'worst_case', steady(f'worst case, batch {bs}', records, 1, bs))
         if code != 0 or rec is None or (total_gib and rec['peak_gib'] and rec['peak_gib'] > SAFE_FRACTION * total_gib):
@@ -253,7 +253,6 @@ def part_worst(args, check, worst_dir, sizes, total_gib):
 
 def part_train_option(args, check, name, data_dir, steps, warm, flag):
     run_dir = os.path.join(args.out_dir, name)
-    shutil.rmtree(run_dir, ignore_errors=True)
     argv = train_args(args, run_dir, data_dir, args.batch_size, steps) + [flag, f'--eval_interval={steps}']
     _, records, _ = run_train(check, name, argv, check.deadline(name) - time.time())
     record(check, 'runs', steady(f'batch {args.batch_size}, {name} (train.py)', records, warm, args.batch_size))
