@@ -13,6 +13,7 @@ $ python bench.py scoring [--n 5000] [--meteor]   # scoring Karpathy-test size: 
 $ python bench.py synthbench --ckpt out-tiny      # the CPU demo on benchmark-format copies of its val split
 $ python bench.py zipmem [--n 100000]    # host memory per loader worker reading images.zip
 $ python bench.py align [-- --max_iters=N]   # a real frozen LLM (SmolLM2) learns to see: losses, CIDEr, QA
+$ python bench.py stage2 [--steps 300]   # stage 2 with TRL from the SmolLM2 demo's stage 1 vs an untrained connector
 """
 import argparse
 import io
@@ -443,6 +444,79 @@ def bench_align(args):
     print(f'report with the loss curves: {os.path.join(report, "report.md")}')
 
 
+def bench_stage2(args):
+    """What stage 1 buys stage 2. From the SmolLM2 demo's stage-1 checkpoint, and (the control)
+    from the same backbones with a freshly initialised connector: export both with
+    sample.py --export_hf, run the same short stage 2 on each with TRL's SFTTrainer (LoRA on the
+    LLM, the connector trainable) on instruction rows made from the demo's training images
+    (describe / what / colour / count), then score stage 1 alone and both stage-2 arms on the
+    held-out images: CIDEr-D of "describe", strict and lenient QA accuracy by question kind
+    (evaluation/metrics.py). Prints the table, the loss curves (stage2_loss.png) and one val
+    image's caption and answers from each."""
+    import torch
+
+    from evaluation import evaluate, metrics, report
+    from export import hf, stage2 as S
+    S.require_trl()
+    prepared = args.data_dir if args.data_dir != 'data/synthetic/prepared' else 'data/synthetic_smollm2/prepared'
+    ckpt = args.ckpt or 'out-smollm2/ckpt.pt'
+    if not os.path.exists(ckpt):
+        raise UserError(f'no stage-1 checkpoint at {ckpt}: make the SmolLM2 demo\'s (about 45 min on 2 cores) with '
+                        f'`python prepare_llava.py --synthetic=4000 --llm=smollm2 && python train.py '
+                        f'config/stage1_smollm2.py`, or give --ckpt (and --data_dir, its prepared data)')
+    out = os.path.join(args.out_dir, 'stage2')
+    os.makedirs(out, exist_ok=True)
+    steps, batch = args.steps, args.batch_size or 8
+    rows = S.instruction_rows(S.scenes(prepared, 'train'))
+    val = S.scenes(prepared, 'val', args.n or 100)
+    qa = evaluate.read_qa(os.path.join(os.path.dirname(os.path.abspath(prepared)), 'qa.jsonl'))
+    print(f'stage 2: {len(rows):,} instruction rows ({steps} steps of {batch} = {steps * batch / len(rows):.2f} '
+          f'epochs); scored on {len(val)} val images (describe) and {len(qa)} QA questions', flush=True)
+    arms, curves, times, answers = {}, {}, {}, {}
+    sources = dict(stage1=ckpt, untrained=S.untrained_checkpoint(ckpt, os.path.join(out, 'untrained.pt')))
+    example = val[0][0]
+    example_qs = [S.DESCRIBE] + [r['question'] for r in qa if r['image'] == example][:3]
+    for name, source in sources.items():
+        folder = os.path.join(out, f'export-{name}')
+        hf.export_hf(source, folder, dtype=torch.float32, force=True)
+        if name == 'stage1':  # stage 1 alone: the export as it is
+            model, processor = S.load(folder)
+            arms['stage 1 only'], _ = S.evaluate_model(model, processor, val, qa)
+            answers['stage 1 only'] = S.generate(model, processor, [(example, q) for q in example_qs])
+        t0 = time.time()
+        model, processor, curves[name] = S.sft(folder, rows, os.path.join(out, f'adapter-{name}'), steps, batch,
+                                               args.lr, log_every=max(1, steps // 50))
+        times[name] = time.time() - t0
+        label = f'stage 2 from {"stage 1" if name == "stage1" else "an untrained connector"}'
+        arms[label], _ = S.evaluate_model(model, processor, val, qa)
+        answers[label] = S.generate(model, processor, [(example, q) for q in example_qs])
+        print(f'{label}: {steps} steps in {times[name] / 60:.1f} min, last loss {curves[name][-1][1]:.3f}', flush=True)
+    kinds = sorted({k for m in arms.values() for k in m['qa_by_kind']})
+    table = ['| | ' + ' | '.join(arms) + ' |', '|---' * (len(arms) + 1) + '|']
+    fmt = lambda x: metrics.fmt(x, 3)  # noqa: E731
+    table.append('| CIDEr-D (describe) | ' + ' | '.join(fmt(m['cider_d']) for m in arms.values()) + ' |')
+    table.append('| QA accuracy, strict | ' + ' | '.join(fmt(m['qa_accuracy']) for m in arms.values()) + ' |')
+    table.append('| QA accuracy, lenient | ' + ' | '.join(fmt(m['qa_contains_lenient']) for m in arms.values()) + ' |')
+    for k in kinds:
+        table.append(f'| {k}: strict / lenient | ' + ' | '.join(f"{fmt(m['qa_by_kind'].get(k))} / "
+                                                               f"{fmt(m['qa_lenient_by_kind'].get(k))}"
+                                                               for m in arms.values()) + ' |')
+    print('\n' + '\n'.join(table))
+    print(f'\n{example}: (reference: {val[0][1]!r})')
+    for label, said in answers.items():
+        print(f'  {label}: ' + ' | '.join(f'{q} -> {a!r}' for q, a in zip(example_qs, said)))
+    records = [{'iter': s, 'from_stage1': v} for s, v in curves['stage1']] + \
+        [{'iter': s, 'from_untrained': v} for s, v in curves['untrained']]
+    plot = os.path.join(out, 'stage2_loss.png')
+    report.plot_losses(records, plot, plotted=[('from_stage1', 'stage 2 from stage 1', (31, 119, 180)),
+                                               ('from_untrained', 'from an untrained connector', (214, 39, 40))])
+    with open(os.path.join(out, 'stage2.json'), 'w') as f:
+        json.dump(dict(arms=arms, curves=curves, minutes={k: v / 60 for k, v in times.items()}, steps=steps,
+                       batch_size=batch, rows=len(rows), example=dict(image=example, questions=example_qs,
+                                                                      answers=answers)), f, indent=2, default=float)
+    print(f'\nloss curves: {plot}; numbers: {os.path.join(out, "stage2.json")}')
+
+
 def _anon_mib():
     with open('/proc/self/status') as f:
         return int(next(ln for ln in f if ln.startswith('RssAnon')).split()[1]) / 1024
@@ -491,12 +565,12 @@ if __name__ == '__main__':
     one_line_errors()
     ap = argparse.ArgumentParser(description='benchmarks (see the top of bench.py)')
     ap.add_argument('what', choices=['gpu', 'params', 'losshead', 'loader', 'prepare', 'shards', 'batching', 'open',
-                                     'scoring', 'synthbench', 'zipmem', 'align'])
+                                     'scoring', 'synthbench', 'zipmem', 'align', 'stage2'])
     ap.add_argument('--tiny', action='store_true', help='gpu: tiny backbones on the CPU (the test-suite run)')
     ap.add_argument('--out_dir', default='bench_out', help='gpu: where its data, the JSON and the train.py runs go')
     ap.add_argument('--budget', type=float, default=540, help='gpu: seconds for the whole check (it skips what '
                                                               'does not fit and says so)')
-    ap.add_argument('--parts', default='all', help='gpu: a comma list of train,fp8,worst,eager,profile,packed,'
+    ap.add_argument('--parts', default='all', help='gpu: a comma list of train,fp8,ddp,worst,eager,profile,packed,'
                                                    'grad_ckpt: rerun some parts only')
     ap.add_argument('--part', default=None, choices=['profile'], help='gpu: the profile child (the check runs it)')
     ap.add_argument('--warm', type=int, default=40, help='gpu profile child: steps before the profile')
@@ -513,7 +587,10 @@ if __name__ == '__main__':
                     'with --tiny)')
     ap.add_argument('--tokenizer', default='tiny', help="prepare/shards: 'tiny' or a Qwen tokenizer dir/id")
     ap.add_argument('--data_dir', default='data/synthetic/prepared')
-    ap.add_argument('--ckpt', default=None, help='synthbench: the checkpoint to evaluate')
+    ap.add_argument('--ckpt', default=None, help='synthbench: the checkpoint to evaluate; stage2: the stage-1 '
+                                                 'checkpoint (out-smollm2/ckpt.pt)')
+    ap.add_argument('--steps', type=int, default=300, help='stage2: SFTTrainer steps per arm')
+    ap.add_argument('--lr', type=float, default=1e-3, help='stage2: peak learning rate (LoRA and connector)')
     ap.add_argument('--meteor', action='store_true', help='scoring: METEOR too (the Java toolkit)')
     ap.epilog = 'align: train.py overrides go after --, e.g. python bench.py align -- --max_iters=800'
     # split at '--' by hand: argparse gives a '*' positional nothing once the first positional matched
@@ -527,4 +604,4 @@ if __name__ == '__main__':
     else:
         dict(gpu=bench_gpu, params=bench_params, losshead=bench_losshead, loader=bench_loader, prepare=bench_prepare,
              shards=bench_shards, batching=bench_batching, open=bench_open, scoring=bench_scoring,
-             synthbench=bench_synthbench, zipmem=bench_zipmem, align=bench_align)[a.what](a)
+             synthbench=bench_synthbench, zipmem=bench_zipmem, align=bench_align, stage2=bench_stage2)[a.what](a)

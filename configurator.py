@@ -16,6 +16,7 @@ intact), and the progress line of long work. Nothing here imports torch at modul
 a script's first error comes fast.
 """
 import ast
+import contextlib
 import difflib
 import errno
 import os
@@ -35,13 +36,21 @@ def one_line_errors():
     stderr, no traceback; every other exception keeps its traceback (it is a bug)."""
     def hook(kind, value, tb):
         if issubclass(kind, UserError):
-            msg = str(value).strip()
-            if 'Original Traceback' in msg:  # raised in a DataLoader worker: keep the original message
-                msg = msg.splitlines()[-1].split(': ', 1)[-1]
-            print(f'error: {msg}', file=sys.stderr, flush=True)
+            print(f'error: {error_line(value)}', file=sys.stderr, flush=True)
+        elif issubclass(kind, KeyboardInterrupt):
+            print(f'error: interrupted{": " + str(value) if str(value) else ""}', file=sys.stderr, flush=True)
         else:
             sys.__excepthook__(kind, value, tb)
     sys.excepthook = hook
+
+
+def error_line(e):
+    """The message of a UserError, also when a DataLoader worker raised it (the loader wraps
+    it in the worker's traceback)."""
+    msg = str(e).strip()
+    if 'Original Traceback' in msg:
+        msg = msg.splitlines()[-1].split(': ', 1)[-1]
+    return msg
 
 
 def first_line(e, limit=200):
@@ -144,16 +153,79 @@ def configure(globs, argv):
 # Checks before any work, and writes that fail safely
 
 
+# What the operating system means when it refuses a write, in words a user acts on
+OS_REASONS = {
+    errno.ENOSPC: 'disk full', errno.EDQUOT: 'disk quota exceeded',
+    errno.EFBIG: 'file too large for the file-size limit',
+    errno.ENAMETOOLONG: 'name too long for the file system', errno.EROFS: 'read-only file system',
+    errno.ELOOP: 'too many levels of symbolic links', errno.EACCES: 'permission denied',
+    errno.EPERM: 'operation not permitted', errno.ENOTDIR: 'a part of the path is a file, not a folder',
+    errno.EISDIR: 'it is a folder', errno.EIO: 'input/output error (a failing disk or network file system)',
+    errno.EMLINK: 'too many links in the folder above', errno.ENOENT: 'a folder on the way disappeared',
+    errno.EEXIST: 'a file of that name is in the way', errno.EMFILE: 'too many open files',
+}
+
+
+def os_error(e, path, what='out_dir', todo=None):
+    """One line for an OSError raised while writing `path`: the path, the reason in words and
+    what to do. The disk-space reasons also say how much is free there."""
+    why = OS_REASONS.get(e.errno) or e.strerror or type(e).__name__
+    space = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    if space:
+        p = os.path.abspath(path)
+        while not os.path.isdir(p) and os.path.dirname(p) != p:
+            p = os.path.dirname(p)
+        try:
+            why += f', {shutil.disk_usage(p).free / 2**30:.2f} GiB free there'
+        except OSError:
+            pass
+    todo = todo or ('free space there or ' if space else '') + f'give another {what}'
+    return UserError(f"cannot write {what} '{path}': {why} (errno {e.errno}); {todo}")
+
+
+@contextlib.contextmanager
+def os_errors(path, what='out_dir', todo=None):
+    """Any refusal of the operating system inside the block becomes os_error's one line."""
+    try:
+        yield
+    except OSError as e:
+        raise os_error(e, path, what, todo) from None
+
+
 def check_out_dir(path, what='out_dir'):
     """One line, before any work, when `path` cannot become a folder to write in: it (or a
-    folder above it) is a file, or the first folder that exists is not writable."""
-    p = os.path.abspath(path)
-    while not os.path.exists(p):
+    folder above it) is a file, or the operating system refuses to make it or to write a small
+    file in it (no space, name too long, read-only, no permission, ...). The probe leaves
+    nothing behind: folders it made are removed again, so a later mistake writes nothing."""
+    p, missing = os.path.abspath(path), []
+    while not os.path.exists(p) and os.path.dirname(p) != p:
+        missing.append(p)
         p = os.path.dirname(p)
     if not os.path.isdir(p):
         raise UserError(f"{what} '{path}' cannot be a folder: '{p}' is a file; give another {what}")
-    if not os.access(p, os.W_OK | os.X_OK):
-        raise UserError(f"{what} '{path}': no permission to write in '{p}'; give another {what}")
+    made = []
+    with os_errors(path, what):
+        try:
+            for folder in reversed(missing):
+                try:
+                    os.mkdir(folder)
+                    made.append(folder)
+                except FileExistsError:  # another process (a rank of the same run) made it meanwhile
+                    pass
+            probe = os.path.join(path, f'.write_probe.{os.getpid()}')
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, b'x' * 4096)  # a full disk may take the name and refuse the data
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                os.remove(probe)
+        finally:
+            for folder in reversed(made):
+                try:
+                    os.rmdir(folder)
+                except OSError:  # another process's probe is in it: it stays
+                    pass
 
 
 def resolve_device(device='auto', dtype='auto'):
@@ -196,28 +268,13 @@ def hub_reachable(timeout=3.0):
         return False
 
 
-def space_error(e, path):
-    """A UserError for a write that failed because the disk (or quota, or file-size limit)
-    is full; None for other failures."""
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        folder = os.path.dirname(os.path.abspath(path))
-        try:
-            free = f'{shutil.disk_usage(folder).free / 2**30:.2f} GiB free there'
-        except OSError:
-            free = 'free space unknown'
-        why = 'file too large for the file-size limit' if e.errno == errno.EFBIG else 'disk full'
-        return UserError(f'{why} while writing {path} ({free}); free space (or set another out_dir) and '
-                         f'run again - the previous file there is intact')
-    return None
-
-
 def atomic_write(path, write):
     """Calls write(f) on a temp file beside path, fsyncs it, then renames it over path: a
-    crash or a full disk in the middle leaves the old file intact and no temp file behind."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+    crash or a full disk in the middle leaves the old file intact and no temp file behind; a
+    refusal of the operating system is os_error's one line."""
     tmp = f'{path}.tmp'
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(tmp, 'wb') as f:
             write(f)
             f.flush()
@@ -226,9 +283,9 @@ def atomic_write(path, write):
     except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        err = space_error(e, path)
-        if err is not None:
-            raise err from None
+        if isinstance(e, OSError):  # one line, and the old file is still there
+            raise os_error(e, path, 'file', 'the previous file there is intact; fix the cause (free space, or set '
+                                            'another out_dir) and run again') from None
         raise
 
 
@@ -238,6 +295,12 @@ def atomic_write_bytes(path, data):
 
 def atomic_write_text(path, text):
     atomic_write_bytes(path, text.encode('utf-8'))
+
+
+def atomic_copy(src, dst):
+    """A copy of src at dst, written as atomic_write writes (fsynced, then renamed)."""
+    with open(src, 'rb') as f:
+        atomic_write(dst, lambda out: shutil.copyfileobj(f, out, 16 << 20))
 
 
 def atomic_torch_save(obj, path):

@@ -36,6 +36,8 @@ TINY_CONFIG = ROOT / 'config' / 'stage1_tiny.py'
 # several times faster than two fighting over two cores (and leaves a core for the
 # subprocesses that run beside each other).
 torch.set_num_threads(1)
+# offline: nothing in the suite may reach for a hub (the backbones are built here)
+os.environ['HF_HUB_OFFLINE'] = '1'
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
 for _k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
     ENV.pop(_k, None)  # a test run launched under torchrun must not turn train.py into a DDP rank
@@ -105,6 +107,37 @@ def run_scripts_side_by_side(jobs, timeout=300):
             done[k] = subprocess.CompletedProcess(p.args, p.returncode, out, err)
     finally:
         for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+    return done
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(args, n=2, timeout=300, cwds=None, env=None):
+    """python <args> as n DDP ranks started the way torchrun starts them (RANK, WORLD_SIZE,
+    MASTER_ADDR/PORT in the environment), each in its own working folder if `cwds` are given:
+    [CompletedProcess of each rank]. The last rank's failure to start is not waited on past timeout."""
+    port = free_port()
+    procs = []
+    for r in range(n):
+        e = {**ENV, **(env or {}), 'RANK': str(r), 'LOCAL_RANK': str(r), 'WORLD_SIZE': str(n),
+             'LOCAL_WORLD_SIZE': str(n), 'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(port),
+             'PYTHONPATH': str(ROOT)}
+        procs.append(subprocess.Popen([sys.executable, *map(str, args)], cwd=cwds[r] if cwds else ROOT, env=e,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    done = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=timeout)
+            done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    finally:
+        for p in procs:
             if p.poll() is None:
                 p.kill()
     return done

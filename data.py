@@ -8,6 +8,7 @@ import atexit
 import functools
 import json
 import os
+import shutil
 import signal
 
 import numpy as np
@@ -369,7 +370,7 @@ class BatchOrder:
     Each dataset has its own epochs (epoch_batches). Global micro-batch g comes from dataset
     choice(g), drawn with probability proportional to the weights from a seeded stream, and is
     that dataset's next batch; with one dataset, g is simply its g-th batch. Rank r of W takes
-    global micro-batches r, r+W, r+2W, ...; `start` counts this rank's micro-batches."""
+    the global micro-batches g with g % W == r, from global position `start` on."""
 
     BLOCK = 1 << 16  # choices are drawn in blocks of this many global micro-batches
 
@@ -386,7 +387,7 @@ class BatchOrder:
             raise UserError(f'{len(self.lengths[small])} training samples is less than one batch per rank '
                             f'({batch_size} x {world_size} ranks): lower batch_size or prepare more data')
         self.p = np.asarray(weights, dtype=np.float64) / sum(weights)
-        self.per_epoch = sum(self.n_batches) // world_size  # this rank's micro-batches in one "epoch"
+        self.per_epoch = sum(self.n_batches)  # global micro-batches in one "epoch"
         self._epochs = {}
 
     def _choices(self, block):
@@ -410,7 +411,7 @@ class BatchOrder:
         return counts
 
     def __iter__(self):
-        g = self.start * self.world
+        g = self.start
         counts = self.counts_before(g)
         choices, block = None, None
         while True:
@@ -444,6 +445,26 @@ def _quiet_worker(_):
     checkpoint. The main process stops them when it exits."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def shm_needed(batch_size, image_size, num_workers, local_ranks=1):
+    """Bytes of /dev/shm the loader workers of every rank of a node hold at once: each keeps 4
+    (prefetch_factor) batches of uint8 images (a few rows have two), with room for half again."""
+    return int(1.5 * local_ranks * num_workers * 4 * batch_size * 1.1 * 3 * image_size ** 2)
+
+
+def check_shm(batch_size, image_size, num_workers, local_ranks=1):
+    """One line before any work when they cannot fit: a container's default 64 MB would kill a
+    worker with a bus error mid-run."""
+    path = '/dev/shm'
+    if not num_workers or not os.path.isdir(path):
+        return
+    need, free = shm_needed(batch_size, image_size, num_workers, local_ranks), shutil.disk_usage(path).free
+    if need > free:
+        raise UserError(f'{path} has {free / 2**30:.2f} GiB free but {local_ranks} rank(s) x {num_workers} loader '
+                        f'workers x 4 prefetched batches of {batch_size} images need ~{need / 2**30:.2f} GiB: lower '
+                        f'num_workers (0 decodes in the main process) or give the container more shared memory '
+                        f'(docker run --ipc=host, or --shm-size)')
 
 
 def make_loader(dataset, batch_sampler, packing=False, max_seq_len=None, num_workers=0, pad_id=0,

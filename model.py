@@ -187,6 +187,11 @@ class VLM(nn.Module):
                 else:
                     yield from blocks(child)
         self.compiled = [*blocks(self.llm), *blocks(self.vision), self.connector]
+        # under DDP (train.py wraps the connector), dynamo's DDP optimizer would split the
+        # connector's graph at every gradient bucket (5 graphs at the default sizes) to overlap
+        # their all-reduce with its backward; but its gradients all arrive at the end of the
+        # whole backward anyway, so the split buys nothing and costs graph breaks
+        torch._dynamo.config.optimize_ddp = False
         for block in self.compiled:
             block.compile(backend=backend, dynamic=True)
         return self

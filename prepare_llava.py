@@ -2,7 +2,7 @@
 Image-caption data -> cleaned, deduplicated, tokenized, memory-mappable arrays for data.py.
 
 $ python prepare_llava.py                          # LLaVA-Pretrain (LCS-558K) in data/llava_pretrain/
-$ python prepare_llava.py --json=caps.jsonl        # caption JSONL: {"id", "images": [...], "caption", "source"}
+$ python prepare_llava.py --json=caps.jsonl        # caption JSONL: {"id", "images": [...] or "image", "caption"}
 $ python prepare_llava.py --shards='cc3m/{00000..00331}.tar'   # WebDataset shards as img2dataset writes them
 $ python prepare_llava.py --synthetic=2000         # CPU demo data: drawn shapes -> data/synthetic/
 
@@ -23,7 +23,7 @@ import zipfile
 import numpy as np
 
 from configurator import (Progress, UserError, atomic_write_text, check_out_dir, first_line, hub_reachable,
-                          one_line_errors, space_error)
+                          one_line_errors, os_error)
 from sources.images import check_images, image_ref, pack, zip_locations
 
 LLAVA_REPO = 'liuhaotian/LLaVA-Pretrain'
@@ -182,11 +182,15 @@ def check_llava(r):
     return None, g['value'], (image,)
 
 
+JSONL_KEYS = '"caption" and "images" (a list of paths) or "image" (one path)'
+
+
 def check_jsonl(r):
-    """(rule, caption, images) for one caption-JSONL record."""
-    if not isinstance(r, dict) or 'images' not in r or 'caption' not in r:
+    """(rule, caption, images) for one caption-JSONL record: {"caption", "images": [paths]}, or
+    {"caption", "image": path} as many caption sets (and LLaVA's own records) write one image."""
+    if not isinstance(r, dict) or 'caption' not in r or ('images' in r) == ('image' in r):
         return 'malformed_keys', None, None
-    images, caption = r['images'], r['caption']
+    images, caption = r['images'] if 'images' in r else [r['image']], r['caption']
     if not isinstance(images, list) or not all(isinstance(p, str) for p in images) or \
             not (caption is None or isinstance(caption, str)):
         return 'malformed_types', None, None
@@ -229,7 +233,9 @@ def _load_json(path):
     return records, check_llava, 0
 
 
-def read_records(path, filters):
+def read_records(path, filters, refused=None):
+    """(captions, image tuples, number of records) of the well-formed records; `refused` gets
+    the keys of the first record refused for its keys, for the closing line."""
     t0 = time.time()
     records, check, n_bad_json = _load_json(path)
     filters['malformed_json'] += n_bad_json
@@ -240,6 +246,8 @@ def read_records(path, filters):
         rule, caption, imgs = check(r)
         if rule:
             filters[rule] += 1
+            if rule == 'malformed_keys' and refused is not None and not refused:
+                refused.append(sorted(r) if isinstance(r, dict) else type(r).__name__)
             continue
         captions.append(caption.strip() if caption else None)
         images.append(imgs)
@@ -485,6 +493,7 @@ def _arrays(args, kept, images, stored, tokens, uid_of, where):
 def _prepare(args, source):
     t_start = time.time()
     where = resolve_inputs(args)
+    check_out_dir(where['out_dir'], '--out_dir')  # the default one too: a full disk is one line now, not at the end
     # the tokenizer is loaded only now: transformers is slow to import, and a missing-data
     # error above should come fast
     from sources.backbones import DEFAULT_LLM, load_tokenizer
@@ -495,21 +504,20 @@ def _prepare(args, source):
     from data import TEMPLATE_B, encode_prompt
     encode_prompt(tok, TEMPLATE_B, 1, ids['slot'])  # a slot token the prompt text produces: one line, now
 
-    pre = dict.fromkeys(RULES, 0)  # counted while reading
+    pre, refused = dict.fromkeys(RULES, 0), []  # counted while reading
     if where['kind'] == 'shards':
         from sources.shards import read_shard_records
         captions, images, n_records, where['locs'], where['shards'], where['root'] = \
             read_shard_records(args.shards, pre)
     else:
-        captions, images, n_records = read_records(where['json'], pre)
+        captions, images, n_records = read_records(where['json'], pre, refused)
     f, tokens, uid_of, stored = _clean(args, tok, ids, captions, images, where)
     for rule, n in pre.items():
         f.counts[rule] += n
     kept = np.array(f.alive, dtype=np.int64)
     if len(kept) == 0:
         print_table(f.counts, n_records, 0)
-        raise UserError(f"no sample of {where['json'] or args.shards} survived the filters (table above); check the "
-                        f"images path (--images) and --min_tokens/--max_tokens")
+        raise UserError(no_survivor(where['json'] or args.shards, f.counts, refused, where['source']))
     arrays, names, val, klen = _arrays(args, kept, images, stored, tokens, uid_of, where)
     packed_tmp = None
     if args.pack_images:
@@ -537,6 +545,19 @@ def _prepare(args, source):
     return meta, [images[kept[r]] for r in val]
 
 
+def no_survivor(path, counts, refused, source):
+    """The closing line when every record was dropped: the rule that dropped the most, and
+    what to change for it."""
+    rule, n = max(counts.items(), key=lambda kv: kv[1])
+    why = {'malformed_keys': lambda: 'the records need ' + (JSONL_KEYS if source == 'jsonl' else
+                                                              '"image" and "conversations"') +
+           (f'; the first refused one has {refused[0]}' if refused else ''),
+           'missing_image': lambda: 'check the images path (--images)',
+           'too_short': lambda: 'check --min_tokens', 'too_long': lambda: 'check --max_tokens'}
+    hint = why.get(rule, lambda: 'see docs/data.md for what each rule drops')()
+    return f'no sample of {path} survived the filters (table above): {n:,} dropped as {rule}; {hint}'
+
+
 # -----------------------------------------------------------------------------
 # Writing: temp names first, then os.replace, meta.json last
 
@@ -546,9 +567,9 @@ def write_prepared(out_dir, arrays, meta, packed_tmp=None):
     before any old file is replaced, so an interrupted run leaves either the complete old
     output or no meta.json at all, never a meta next to mismatched arrays. A full disk while
     writing the temp files leaves the old output untouched and no temp file behind."""
-    os.makedirs(out_dir, exist_ok=True)
-    tmps = {'images_packed.bin': packed_tmp} if packed_tmp else {}
+    tmps, name = {'images_packed.bin': packed_tmp} if packed_tmp else {}, ''
     try:
+        os.makedirs(out_dir, exist_ok=True)
         for name, a in arrays.items():
             tmps[name] = os.path.join(out_dir, name + '.tmp')
             with open(tmps[name], 'wb') as f:
@@ -557,9 +578,8 @@ def write_prepared(out_dir, arrays, meta, packed_tmp=None):
         for tmp in tmps.values():
             if os.path.exists(tmp):
                 os.remove(tmp)
-        err = space_error(e, os.path.join(out_dir, name))
-        if err:
-            raise err from None
+        if isinstance(e, OSError):  # disk full, read-only, ...: one line, the old output intact
+            raise os_error(e, os.path.join(out_dir, name), '--out_dir') from None
         raise
     meta_path = os.path.join(out_dir, 'meta.json')
     if os.path.exists(meta_path):

@@ -8,7 +8,8 @@ $ python sample.py --ckpt out/ckpt.pt --image photos/ --temperature 0.5 --num_sa
 $ python sample.py --ckpt out/ckpt.pt --image x.jpg --prompt "<image>\\nWhat is in the image?\\n"
 $ python sample.py --ckpt out/ckpt.pt --eval [--baseline]                 # report on val + golden + QA
 $ python sample.py --ckpt out/ckpt.pt --bench coco --ann dataset_coco.json --images coco/   # COCO / NoCaps / Flickr30k
-$ python sample.py --ckpt out/ckpt.pt --export connector/                 # safetensors + JSON to share
+$ python sample.py --ckpt out/ckpt.pt --export connector/                 # the connector: safetensors + JSON
+$ python sample.py --ckpt out/ckpt.pt --export_hf vlm/                    # a transformers model folder (stage 2)
 
 --ckpt takes a checkpoint file, an out_dir (its ckpt.pt) or an exported connector folder.
 """
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import torch
 
@@ -44,6 +46,10 @@ def parse_args(argv):
     p.add_argument('--dtype', default='auto', help="'auto' (bf16 on a GPU, fp32 on a CPU), bfloat16, float32")
     p.add_argument('--attn_implementation', default='sdpa', choices=['sdpa', 'eager', 'flash_attention_2'])
     p.add_argument('--export', default=None, help='write the connector as safetensors + JSON to this dir, then exit')
+    p.add_argument('--export_hf', default=None, help='write a transformers model folder (every weight, code, '
+                   'processor, chat template, model card) to this dir, then exit; --dtype: of the backbones '
+                   '(auto: bfloat16)')
+    p.add_argument('--force', action='store_true', help='--export_hf: replace a folder that is not empty')
     # evaluation mode
     p.add_argument('--eval', action='store_true', help='write an evaluation report (val split + golden set + QA)')
     p.add_argument('--data_dir', default=None, help='prepared dataset (default: the first the checkpoint trained on)')
@@ -76,7 +82,7 @@ def parse_args(argv):
             raise UserError(f'--{key} must be >= 1, got {getattr(args, key)}')
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.num < 0:
         raise UserError('need --temperature >= 0, 0 < --top_p <= 1 and --num >= 0')
-    for key in ('out', 'export'):  # a folder to write in, checked before the model loads
+    for key in ('out', 'export', 'export_hf'):  # a folder to write in, checked before the model loads
         if getattr(args, key):
             check_out_dir(getattr(args, key), f'--{key}')
     return args
@@ -210,6 +216,15 @@ def main(argv):
     args = parse_args(argv)
     if args.export:
         print(f'exported connector to {export_connector(args.ckpt, args.export)}')
+        return 0
+    if args.export_hf:
+        from export.hf import export_hf
+        t0 = time.time()
+        _, dtype = resolve_device('cpu', 'bfloat16' if args.dtype == 'auto' else args.dtype)
+        folder, size = export_hf(args.ckpt, args.export_hf, dtype, args.force)
+        print(f'exported a transformers model ({size / 2**20:,.0f} MB of weights) to {folder} in '
+              f'{time.time() - t0:.0f}s: AutoModelForImageTextToText.from_pretrained({folder!r}, '
+              f'trust_remote_code=True)')
         return 0
     if args.bench:
         return main_bench(args)

@@ -184,6 +184,9 @@ def test_gpu_check_runs_every_part(gpu_check):
     configs = [r['config'] for r in check['runs']]
     assert any('eager, resumed' in c for c in configs) and check['resume_ok']
     assert any('packed' in c for c in configs) and any('grad_ckpt' in c for c in configs)
+    # under torchrun, one rank: DDP around the compiled connector, the gathers, golden samples
+    assert any('torchrun 1 rank' in c for c in configs) and check['ddp']['ok'], check['ddp']
+    assert 'under torchrun: ok' in p.stdout
     # the data's worst batch (two images, longest captions) at each size, and a safe batch
     assert [r['batch'] for r in check['worst_case']] == [2, 4] and check['safe_batch'] == 4
     # FP8 against bf16, forward and input gradient, per-tensor and per-row scales

@@ -10,7 +10,7 @@ n_latents = 64
 batch_size = 32  # per GPU: the data's worst batch (two images, longest captions) peaks at 68 GiB, so
 # an 80 GB H100 holds it; 48 is 3 % faster on an H200 (94 GiB worst case). bench.py gpu measures it.
 compile = True  # block by block; 165 vs 112 samples/s eager on one H200 (54 % vs 36 % MFU)
-gradient_accumulation_steps = 16  # over all ranks: 32 x 16 = 512 samples per step
+total_batch_size = 512  # samples per step, any number of GPUs: 16 micro-batches of 32 (over 16 GPUs: batch_size=16)
 max_seq_len = 1536
 multi_image_frac = 0.02
 epochs = 1.0

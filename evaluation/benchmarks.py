@@ -337,27 +337,33 @@ def evaluate_bench(vlm, tok, bench, ann, images, num=500, batch_size=32, split=N
     plus 'skipped' (counts) and 'seconds'. For train.py's eval: the file is read once per
     process (cached), METEOR and SPICE are off by default (each starts a Java process), and
     the connector's train/eval mode is restored afterwards. Under DDP every rank calls it and
-    captions its share (evaluate.spread); rank 0 scores and gets the metrics, the others None.
+    captions its share (evaluate.on_all_ranks); rank 0 scores and gets the metrics, the others None.
     """
     t0 = time.time()
     check_instances(instances)
-    b = _cached(bench, os.path.abspath(ann), os.path.abspath(images), split, num)
     was_training = vlm.training
     vlm.eval()
+
+    def share():  # the file is read on every rank: one that cannot read it says so to all
+        items = _cached(bench, os.path.abspath(ann), os.path.abspath(images), split, num)['items']
+        return caption_items(vlm, tok, items[rank::world_size], prompt, max_new_tokens, batch_size,
+                             f'{bench} captions')
     try:
-        parts = evaluate.spread(lambda share: caption_items(vlm, tok, share, prompt, max_new_tokens, batch_size,
-                                                          f'{bench} captions'), b['items'], rank, world_size)
+        parts = evaluate.on_all_ranks(share)
     finally:
         vlm.train(was_training)
-    error = next((e for _, e in parts if e), None)
-    if error:
-        raise RuntimeError(error)
+    error = evaluate.first_error(parts)
+    if error and error[1] == evaluate.Stopped.__name__:
+        raise evaluate.Stopped(f'{bench} captioning stopped on rank {error[0]}')
+    if error:  # raised on every rank alike: the caller's warning (or error) is the same on all
+        raise UserError(f'rank {error[0]}: {error[1]}' if world_size > 1 else error[1])
+    if rank != 0:
+        return None
+    b = _cached(bench, os.path.abspath(ann), os.path.abspath(images), split, num)
     captions, bad = {}, []
     for (caps, unread), _ in parts:
         captions.update(caps)
         bad += unread
-    if rank != 0:
-        return None
     if not captions:
         raise UserError(f"none of the {len(b['items'])} {bench} images could be read (e.g. {b['items'][0]['image']})")
     if instances is None and bench == 'coco':

@@ -17,15 +17,41 @@ import json
 import math
 import os
 import time
+import traceback
 
 import numpy as np
 import torch
 
 import data
 import model as M
-from configurator import UserError, atomic_write_text, first_line
+from configurator import UserError, atomic_write_text, error_line, first_line
 from evaluation import metrics, report
 from sources.images import load_image
+
+class Flag:
+    """A stop asked for: train.py sets it from its SIGTERM/SIGINT handler, long work checks it
+    between batches and gives up with Stopped, so a preempted run reaches its checkpoint within
+    seconds. A plain attribute: threading.Event takes a lock in set(), and a second signal
+    arriving inside the first one's set() would wait on that lock forever."""
+    value = False
+
+    def set(self):
+        self.value = True
+
+    def is_set(self):
+        return self.value
+
+
+stop = Flag()
+
+
+class Stopped(Exception):
+    """Long work gave up because a stop was asked for (evaluate.stop)."""
+
+
+def check_stop():
+    if stop.is_set():
+        raise Stopped('stopped by a signal')
 
 # -----------------------------------------------------------------------------
 # Generation
@@ -53,6 +79,7 @@ def caption_batch(vlm, tok, image_groups, prompt=None, temperature=0.0, top_p=0.
     device = vlm.pix_mean.device
     out = []
     for s in range(0, len(image_groups), batch_size):
+        check_stop()
         groups = image_groups[s:s + batch_size]
         prompts = [prompt_ids(vlm, tok, len(g), prompt) for g in groups]
         imgs = torch.from_numpy(np.stack([im for g in groups for im in g])).to(device)
@@ -83,6 +110,7 @@ def control_loss_sums(vlm, batches, controls=True):
     drop = [vlm.slot_id, *(vlm.brackets or ())]
     with M.eager():  # no-grad variants (a last batch of one, no images) would recompile the blocks
         for b in batches:
+            check_stop()
             bad += b['n_bad']
             if not b['n_targets']:
                 continue
@@ -193,32 +221,79 @@ def all_gather(obj):
     return out
 
 
-def spread(fn, items, rank=0, world_size=1):
-    """fn(this rank's share of items) on every rank, each with items[rank::world_size], then
-    [(result, error)] of all ranks: under DDP no rank waits while one captions everything, and
-    a failure on one rank comes back as its error instead of leaving the others in a
-    collective. Every rank must call it."""
+def caught(fn):
+    """(fn(), None), or (None, its error as one line: Stopped when a stop was asked for). A bug
+    (not a UserError) prints its traceback here first."""
     try:
-        mine = (fn(items[rank::world_size]), None)
-    except Exception as e:  # reported by the caller; the collective below must still happen
-        mine = (None, f'{type(e).__name__}: {e}')
-    return all_gather(mine)
+        return fn(), None
+    except Stopped:
+        return None, Stopped.__name__
+    except Exception as e:  # reported by the caller, after the collective that must still happen
+        if not isinstance(e, UserError):
+            traceback.print_exc()
+        return None, error_line(e) if isinstance(e, UserError) else f'{type(e).__name__}: {first_line(e)}'
+
+
+def on_all_ranks(fn):
+    """fn() on this rank, then [(result, error)] of every rank, in rank order (caught): a
+    failure on one rank comes back to every rank as its error instead of leaving the others in
+    a collective. Every rank must call it."""
+    return all_gather(caught(fn))
+
+
+def ranks_ok(error):
+    """Collective (DDP): every rank says whether it failed (error: its one line, or None). When
+    any did, every rank stops here, together, instead of leaving the others waiting in a
+    collective: rank 0 with the failing rank's line, the others quietly (their exit code says
+    it). Without DDP, an error is raised as it is."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        if error:
+            raise UserError(error)
+        return
+    failed = first_error([(None, e) for e in all_gather(error)])
+    if failed:
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        if rank == 0:
+            raise UserError(f'rank {failed[0]}: {failed[1]}')
+        raise SystemExit(1)
+
+
+def agreed(fn):
+    """fn() on every rank: its result, or every rank stops with the line of a rank where it
+    failed (ranks_ok)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return fn()
+    result, error = caught(fn)
+    ranks_ok(error)
+    return result
+
+
+def first_error(parts):
+    """(rank, message) of the first rank whose part of on_all_ranks failed, or None."""
+    return next(((r, e) for r, (_, e) in enumerate(parts) if e), None)
 
 
 def sample_golden(vlm, tok, ds, golden, path, iter_num, max_new_tokens, batch_size, rank=0, world_size=1):
-    """Greedy captions of the golden val samples, spread over the ranks, appended to `path`
-    (samples.jsonl) by rank 0: {iter, id, generation, reference} in golden order. Every rank
-    calls it; returns the lines for rank 0 to print (a failure is a warning line, never an
-    exception: sample logs are worth less than the run)."""
+    """Greedy captions of the golden val samples, each rank captioning golden[rank::world_size],
+    appended to `path` (samples.jsonl) by rank 0: {iter, id, generation, reference} in golden
+    order. Every rank calls it; returns the lines for rank 0 to print (a failure on any rank is
+    a warning line on all, never an exception: sample logs are worth less than the run). A stop
+    asked for on any rank raises Stopped on every rank."""
     def caption(share):
         rows, skipped = caption_rows(vlm, tok, ds, share, dict(max_new_tokens=max_new_tokens), batch_size,
                                      prefix='golden')
         return [dict(iter=iter_num, id=r['id'], generation=r['generation'], reference=r['references'][0])
                 for r in rows], skipped
-    parts = spread(caption, [i for i in golden if i < len(ds)], rank, world_size)
-    error = next((e for _, e in parts if e), None)
+    parts = on_all_ranks(lambda: caption([i for i in golden if i < len(ds)][rank::world_size]))
+    error = first_error(parts)
+    if error and error[1] == Stopped.__name__:
+        raise Stopped(f'golden-set sampling stopped on rank {error[0]}')
     if error:
-        return [f'  warning: golden-set sampling failed at iter {iter_num} ({first_line(error)}); training goes on']
+        where = f' on rank {error[0]}' if world_size > 1 else ''
+        return [f'  warning: golden-set sampling failed{where} at iter {iter_num} ({first_line(error[1])}); '
+                f'training goes on']
     order = {f'golden/{i}': k for k, i in enumerate(golden)}
     rows = sorted((r for (got, _), _ in parts for r in got), key=lambda r: order[r['id']])
     skipped = sum(n for (_, n), _ in parts)

@@ -56,8 +56,29 @@ def trim_log(path, upto_iter, upto_eval):
     if os.path.exists(path):
         keep = [r for r in read_log(path) if r.get('iter', 0) <= (upto_eval if 'val_loss' in r or 'bench' in r
                                                                     else upto_iter)]
-        with open(path, 'w') as f:
-            f.writelines(json.dumps(r) + '\n' for r in keep)
+        atomic_write_text(path, ''.join(json.dumps(r) + '\n' for r in keep))
+
+
+def step_line(r, max_iters):
+    """The console line of a training step's log record (train.py)."""
+    return (f"iter {r['iter']}/{max_iters} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | grad {r['grad_norm']:.3f} | "
+            f"{r['dt_ms']:.0f} ms | {r['samples_per_s']:.1f} samples/s | {r['tokens_per_s']:.0f} tok/s | "
+            + (f"mfu {r['mfu'] * 100:.1f}% | " if r.get('mfu') is not None else '')
+            + f"data {r['data_wait'] * 100:.0f}% | epoch {r['epoch']:.2f} (ends in {r['eta_epoch_s'] / 60:.1f} min) | "
+            f"eta {r['eta_s'] / 60:.1f} min" + (f" | recompiles {r['recompiles']}" if 'recompiles' in r else '')
+            + (f" | bad images {r['bad_images']} ({r['bad_images_total']} in all)" if r['bad_images'] else '')
+            + ''.join(f' | {k} {v}' for k, v in r.get('samples_by_source', {}).items()))
+
+
+def eval_line(r, best=False):
+    """The console line of an eval's log record: a connector that sees has the val loss far
+    below both controls (shuffled images, no image)."""
+    line = f"eval {r['iter']}: val loss {r['val_loss']:.4f} | caption ppl {r['val_ppl']:.2f}"
+    if 'val_loss_shuffled' in r:
+        line += f" | shuffled images {r['val_loss_shuffled']:.4f} (x{r['val_loss'] / r['val_loss_shuffled']:.2f})"
+    line += f" | no image {r['val_loss_no_image']:.4f}" if 'val_loss_no_image' in r else ''
+    line += ''.join(f' | {k} {v:.4f}' for k, v in r.get('val_loss_by_source', {}).items())
+    return line + f" | {r['eval_s']:.1f}s" + (' (best)' if best else '')
 
 
 # (log key, legend, colour) of each curve plot_losses draws
@@ -66,15 +87,15 @@ PLOTTED = [('loss', 'train loss', (31, 119, 180)), ('val_loss', 'val loss', (255
            ('val_loss_no_image', 'val, no image', (127, 127, 127))]
 
 
-def plot_losses(records, path, size=(720, 360)):
+def plot_losses(records, path, size=(720, 360), plotted=PLOTTED):
     """Train and val loss against step, and the val loss with shuffled images and with no
     image where the log has them (the step where the val loss leaves the shuffled one is where
-    the connector starts to see), drawn with PIL (no plotting dependency). Returns True if a
-    picture was written."""
+    the connector starts to see), drawn with PIL (no plotting dependency); `plotted`: other
+    (key, legend, colour) curves of the records. Returns True if a picture was written."""
     from PIL import Image, ImageDraw, ImageFont
     series = [(key, name, color, [(r['iter'], r[key]) for r in records if isinstance(r.get(key), (int, float))
                                   and math.isfinite(r[key])])
-              for key, name, color in PLOTTED]
+              for key, name, color in plotted]
     series = [x for x in series if x[3]]
     pts = [p for *_, xy in series for p in xy]
     if len(pts) < 2:
@@ -104,7 +125,7 @@ def plot_losses(records, path, size=(720, 360)):
         xy = [(X(x), Y(y)) for x, y in pts]
         if len(xy) > 1:
             d.line(xy, fill=color, width=2)
-        for x, y in xy if key != 'loss' else []:  # evals are few: each one a dot
+        for x, y in xy if len(xy) <= 50 else []:  # few points (evals): each one a dot
             d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
         d.line([(W - right - 190, top + 14 + 18 * k), (W - right - 165, top + 14 + 18 * k)], fill=color, width=3)
         d.text((W - right - 158, top + 14 + 18 * k), name, fill='black', font=font, anchor='lm')

@@ -14,6 +14,8 @@ gpu_check.json is rewritten after every part (a kill leaves what was measured). 
    recompiles and peak memory over the steady steps, and whether it all ran clean;
 2) fp8: bf16 against FP8 (torch._scaled_mm, e4m3, weights quantized once, per-tensor or
    per-row scales) for the forward and input-gradient GEMMs at this model's shapes;
+2b) ddp: the same run under `torchrun --nproc_per_node=1`: NCCL, the gathers of golden samples
+   and checkpoints on CUDA, DDP around the compiled connector, on one card;
 3) worst: the data's worst batch (two images, longest captions) at growing batch sizes: the
    largest batch_size whose peak fits the card;
 4) eager: the same run without compile, stopped halfway and resumed (the resume on the card);
@@ -34,8 +36,8 @@ from configurator import UserError, atomic_write_text
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # each part's share of the budget, in order; time a part does not use goes to the later ones
-SHARES = [('train', 0.40), ('fp8', 0.04), ('worst', 0.15), ('eager', 0.12), ('profile', 0.15), ('packed', 0.07),
-          ('grad_ckpt', 0.07)]
+SHARES = [('train', 0.37), ('fp8', 0.04), ('ddp', 0.09), ('worst', 0.14), ('eager', 0.11), ('profile', 0.13),
+          ('packed', 0.06), ('grad_ckpt', 0.06)]
 PARTS = tuple(n for n, _ in SHARES)
 SAFE_FRACTION = 0.92  # a batch is safe when the worst case peaks under this much of the card's memory
 # LCS-558K's BLIP captions: ~15 Qwen tokens on average, a tail to the 60-token filter
@@ -135,14 +137,15 @@ def train_args(args, run_dir, data_dir, batch, steps):
     # a container's /dev/shm (64 MB by default) is too small for the workers' batches
     workers = [] if args.tiny or shm > 2 * 2**30 else ['--num_workers=0']
     return [os.path.join(HERE, 'config', cfg), *backbones, *workers, f'--data_dir={data_dir}',
-            f'--out_dir={run_dir}', f'--batch_size={batch}', '--gradient_accumulation_steps=1',
+            f'--out_dir={run_dir}', f'--batch_size={batch}', f'--total_batch_size={batch}',
             f'--max_iters={steps}', '--warmup_frac=0.05', f'--log_interval={2 if args.tiny else 10}',
             '--eval_iters=2', '--eval_max_new_tokens=16', '--eval_report_num=0', '--sample_interval=0']
 
 
-def run_train(check, name, argv, seconds, fresh=True):
-    """train.py in a child process, its console in <run>/train.log: (exit code or None on a
-    timeout, its records, the warnings it printed). fresh: an earlier check's run goes first."""
+def run_train(check, name, argv, seconds, fresh=True, torchrun=False):
+    """train.py in a child process (under torchrun, one rank, with `torchrun`), its console in
+    <run>/train.log: (exit code or None on a timeout, its records, the warnings it printed).
+    fresh: an earlier check's run goes first."""
     run_dir = next(a.split('=', 1)[1] for a in argv if a.startswith('--out_dir='))
     if fresh:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -150,7 +153,9 @@ def run_train(check, name, argv, seconds, fresh=True):
     t0 = time.time()
     with open(os.path.join(run_dir, 'train.log'), 'a') as f:
         try:
-            code = subprocess.run([sys.executable, os.path.join(HERE, 'train.py'), *argv], stdout=f,
+            launch = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=1'] \
+                if torchrun else [sys.executable]
+            code = subprocess.run([*launch, os.path.join(HERE, 'train.py'), *argv], stdout=f,
                                   stderr=subprocess.STDOUT, timeout=max(10, seconds)).returncode
         except subprocess.TimeoutExpired:
             code = None
@@ -215,6 +220,21 @@ def part_train(args, check, data_dir, steps, warm):
                               limit_hit=any('recompile limit' in w for w in warnings))
     check.save()
     return rec
+
+
+def part_ddp(args, check, data_dir, steps, warm):
+    """The compiled run under torchrun with one rank: DDP around the compiled connector, NCCL,
+    the golden samples' and checkpoints' gathers on CUDA, a stop flag in the step's collective."""
+    run_dir = os.path.join(args.out_dir, 'ddp')
+    every = max(steps // 2, 1)
+    argv = train_args(args, run_dir, data_dir, args.batch_size, steps) + [
+        '--compile=True', f'--eval_interval={every}', f'--sample_interval={every}']
+    code, records, warnings = run_train(check, 'ddp', argv, check.deadline('ddp') - time.time(), torchrun=True)
+    record(check, 'runs', steady(f'batch {args.batch_size}, compile=True, torchrun 1 rank (train.py)', records, warm,
+                                 args.batch_size))
+    check.out['ddp'] = dict(exit=code, ok=code == 0 and not warnings and (os.path.exists(os.path.join(
+        run_dir, 'samples.jsonl'))), warnings=warnings[:5], evals=sum('val_loss' in r for r in records))
+    check.save()
 
 
 def part_eager(args, check, data_dir, steps, warm):
@@ -424,8 +444,9 @@ def summary(check):
         print(f"largest safe batch_size (the data's worst batch fits): {out['safe_batch']}")
     if out.get('attention_kernel'):
         print(f"attention kernel of the profiled steps: {out['attention_kernel']}")
-    t = out.get('train') or {}
-    print(f"train.py end to end: {'not run' if not t else 'ok' if t.get('ok') else 'FAILED'}; JSON: {check.path}; "
+    t, d = out.get('train') or {}, out.get('ddp') or {}
+    print(f"train.py end to end: {'not run' if not t else 'ok' if t.get('ok') else 'FAILED'}; under torchrun: "
+          f"{'not run' if not d else 'ok' if d.get('ok') else 'FAILED'}; JSON: {check.path}; "
           f"{out['seconds']:.0f}s in all")
 
 
@@ -457,6 +478,8 @@ def main(args):
                 part_train(args, check, data_dir, steps, warm)
             elif part == 'fp8':
                 check.out['fp8'] = fp8_gemms(args.tiny)
+            elif part == 'ddp':
+                part_ddp(args, check, data_dir, warm + (4 if args.tiny else 30), warm)
             elif part == 'worst':
                 check.out['safe_batch'] = part_worst(args, check, worst_dir, (2, 4) if args.tiny else (16, 32, 48, 64),
                                                      total)

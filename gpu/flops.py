@@ -21,13 +21,14 @@ def peak_bf16(name):
 
 
 def batch_flops(vlm, n_images, sample_lens, n_targets):
-    """Matmul FLOPs of a training batch. The frozen LLM gets no weight gradients: forward +
-    input-gradient backward = 2x its forward, not the usual 3x; the tower runs forward only;
-    the connector trains (3x). sample_lens: each sample's tokens (attention is per sample,
-    packed or not); n_targets: the caption positions lm_head runs on."""
+    """Matmul FLOPs of a training batch. The frozen LLM gets no weight gradients: its weight
+    matmuls cost forward + input-gradient backward = 2x their forward, not the usual 3x; its
+    attention matmuls (QK^T, AV) multiply activations only, whose gradients all flow back:
+    3x. The tower runs forward only; the connector trains (3x). sample_lens: each sample's
+    tokens (attention is per sample, packed or not); n_targets: the positions lm_head runs on."""
     llm_tok, llm_attn, head, image = _terms(vlm)
-    llm = llm_tok * sum(sample_lens) + llm_attn * sum(t * t for t in sample_lens) + head * n_targets
-    return 2 * llm + n_images * image
+    weights = llm_tok * sum(sample_lens) + head * n_targets
+    return 2 * weights + 3 * llm_attn * sum(t * t for t in sample_lens) + n_images * image
 
 
 def _linear(module):

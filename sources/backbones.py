@@ -210,13 +210,16 @@ def build_llm(name, dtype=torch.float32, device='cpu', attn_implementation='sdpa
     return llm.eval().requires_grad_(False)
 
 
+def vision_config(name):
+    """The tower's config: of a full SigLIP/CLIP config (text + vision), the vision half."""
+    cfg = backbone_config(name, TINY_VISION)
+    return getattr(cfg, 'vision_config', cfg)
+
+
 def build_vision(name, dtype=torch.float32, device='cpu', attn_implementation='sdpa'):
     from transformers import AutoModel
     kind, base = parse_backbone(name)
-    # a full SigLIP/CLIP config (text + vision): keep the vision half, and from a full
-    # checkpoint load only the vision tower's weights
-    cfg = backbone_config(name, TINY_VISION)
-    cfg = getattr(cfg, 'vision_config', cfg)
+    cfg = vision_config(name)  # from a full checkpoint only the vision tower's weights load
     if kind == 'pretrained':
         cls = AutoModel._model_mapping[type(cfg)]
         vision = _from_pretrained(cls, base, 'vision', dtype=dtype, device=device,

@@ -23,7 +23,7 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw
 
-from configurator import Progress, atomic_write_text
+from configurator import Progress, atomic_write_text, check_out_dir, os_errors
 from evaluation.metrics import SHAPES  # the caption metrics know the shapes as objects
 
 SIZE = 64
@@ -98,6 +98,23 @@ def draw_scene(rng):
     return img, caption, groups
 
 
+def groups_of(caption):
+    """The scene's [(count, colour, shape)] read back from its caption (draw_scene's grammar:
+    "a red circle at the top.", "there are three blue stars.", "one red circle and two green
+    crosses."); None for a caption that is not one of them."""
+    words = caption.rstrip('.').split()
+    if words[:1] in (['a'], ['an']) and len(words) >= 3 and words[1] in COLORS and words[2] in PLURALS:
+        return [(1, words[1], words[2])]
+    groups = []
+    for part in ' '.join(words[2:] if words[:2] == ['there', 'are'] else words).split(' and '):
+        count, colour, noun = (part.split() + ['', '', ''])[:3]
+        shape = next((s for s, p in PLURALS.items() if noun in (s, p)), None)
+        if count not in COUNT_WORDS or colour not in COLORS or shape is None:
+            return None
+        groups.append((COUNT_WORDS.index(count), colour, shape))
+    return groups
+
+
 def qa_lines(image, groups, qid):
     """Short-answer questions about one scene, all in the tiny tokenizer's vocabulary."""
     what = [f'{col} {PLURALS[s] if c > 1 else s}' for c, col, s in groups]
@@ -127,14 +144,16 @@ def make(args, prepare, write_meta):
     if llm == 'smollm2':  # first: the data is tokenised with its tokenizer (and a missing package fails fast)
         tokenizer = args.tokenizer or smollm2(os.path.join(data_dir, 'smollm2'))
     img_dir = os.path.join(data_dir, 'images')
+    check_out_dir(data_dir, '--data_dir')
     t_draw = time.time()
     rng = np.random.default_rng(args.seed)
     records, scenes, progress = [], {}, Progress('draw', args.synthetic)
     for k in range(args.synthetic):
         img, caption, groups = draw_scene(rng)
         rel = f'{k // 1000:03d}/{k:06d}.jpg'
-        os.makedirs(os.path.join(img_dir, os.path.dirname(rel)), exist_ok=True)
-        img.save(os.path.join(img_dir, rel), format='JPEG', quality=95)
+        with os_errors(os.path.join(img_dir, rel), '--data_dir'):
+            os.makedirs(os.path.join(img_dir, os.path.dirname(rel)), exist_ok=True)
+            img.save(os.path.join(img_dir, rel), format='JPEG', quality=95)
         records.append(dict(id=f'{k:06d}', image=rel, conversations=[
             dict(value='<image>\nDescribe the image in one sentence.', **{'from': 'human'}),
             dict(value=caption, **{'from': 'gpt'})]))
@@ -171,8 +190,9 @@ def write_qa(data_dir, val_images, scenes, seed):
     for k in range(max(0, 64 - len(pool))):
         img, _, groups = draw_scene(held_rng)
         rel = f'qa/{k:06d}.jpg'
-        os.makedirs(os.path.join(img_dir, 'qa'), exist_ok=True)
-        img.save(os.path.join(img_dir, rel), format='JPEG', quality=95)
+        with os_errors(os.path.join(img_dir, rel), '--data_dir'):
+            os.makedirs(os.path.join(img_dir, 'qa'), exist_ok=True)
+            img.save(os.path.join(img_dir, rel), format='JPEG', quality=95)
         pool.append((f'images/{rel}', groups, f'heldout-{k:06d}'))
     lines, counts = [], {}
     for n, (image, groups, qid) in enumerate(pool):

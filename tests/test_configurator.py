@@ -17,7 +17,7 @@ from configurator import UserError, atomic_torch_save, atomic_write, atomic_writ
 
 def defaults():
     return dict(learning_rate=1e-4, batch_size=16, out_dir='out', vision_ln=True, weight_decay=0.01,
-                gradient_accumulation_steps=32, _private=1)
+                total_batch_size=512, _private=1)
 
 
 def test_unknown_key_names_the_closest():
@@ -148,17 +148,17 @@ def test_a_failed_rename_keeps_the_old_file(old, monkeypatch):
     def fail(src, dst):
         raise OSError(errno.EIO, 'I/O error')
     monkeypatch.setattr(configurator.os, 'replace', fail)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match='input/output error'):
         atomic_write_bytes(str(old), b'new')
     assert_untouched(old)
 
 
-@pytest.mark.parametrize('code', [errno.ENOSPC, errno.EDQUOT])
-def test_disk_full_is_one_line_naming_the_file(old, code):
+@pytest.mark.parametrize('code, words', [(errno.ENOSPC, 'disk full'), (errno.EDQUOT, 'disk quota exceeded')])
+def test_disk_full_is_one_line_naming_the_file(old, code, words):
     with pytest.raises(UserError) as e:
         atomic_write(str(old), half_then(OSError(code, os.strerror(code))))
     msg = str(e.value)
-    assert 'disk full' in msg and str(old) in msg and '\n' not in msg, msg
+    assert words in msg and 'GiB free there' in msg and str(old) in msg and '\n' not in msg, msg
     assert_untouched(old)
 
 

@@ -201,3 +201,92 @@ def test_qa_asks_each_question_about_its_image(bracketed, synthetic, tmp_path, m
     assert sorted(asked) == [('<image>\nHow many stars are there?\n', 1), ('<image>\nWhat color is the circle?\n', 2)]
     assert [r['prompt'] for r in rows] == [q['question'] for q in qa[:3]]
     assert [r['answers'] for r in rows] == [['red'], ['two'], ['blue']]
+
+
+# -----------------------------------------------------------------------------
+# golden and benchmark captions spread over DDP ranks (two gloo processes)
+
+RANKS = r'''
+import json, os, sys
+import torch
+import torch.distributed as dist
+import data
+from evaluation import benchmarks, evaluate
+from conftest import build_tiny, tiny_builder
+mode, prepared_dir, out_dir, ann, images = sys.argv[1:6]
+dist.init_process_group('gloo')
+rank, world = dist.get_rank(), dist.get_world_size()
+torch.manual_seed(0)
+vlm, tok = build_tiny()
+vlm.eval()
+prepared = data.open_prepared(prepared_dir)
+ds = data.CaptionDataset(prepared, 'val', tiny_builder(tok), vlm.image_spec, replace_bad=False)
+seen, seen_bench = [], []
+real_rows, real_items = evaluate.caption_rows, benchmarks.caption_items
+def rows(vlm_, tok_, ds_, indices, *a, **k):  # what this rank captions
+    seen.extend(indices)
+    if mode == 'fail' and rank == 1:
+        raise RuntimeError('rank 1 broke')
+    return real_rows(vlm_, tok_, ds_, indices, *a, **k)
+def items(vlm_, tok_, its, *a, **k):
+    seen_bench.extend(it['image_id'] for it in its)
+    if mode == 'fail' and rank == 1:
+        raise RuntimeError('rank 1 broke')
+    return real_items(vlm_, tok_, its, *a, **k)
+evaluate.caption_rows, benchmarks.caption_items = rows, items
+lines = evaluate.sample_golden(vlm, tok, ds, prepared['meta']['golden'], os.path.join(out_dir, 'samples.jsonl'), 7, 4,
+                               8, rank, world)
+try:
+    m = benchmarks.evaluate_bench(vlm, tok, 'coco', ann, images, num=12, batch_size=4, max_new_tokens=4, rank=rank,
+                                  world_size=world)
+    bench, error = (None if m is None else m['images']), None
+except Exception as e:
+    bench, error = None, str(e)
+print(json.dumps(dict(rank=rank, seen=seen, lines=lines, seen_bench=seen_bench, bench=bench, bench_error=error)))
+dist.destroy_process_group()  # gloo's threads must not outlive the interpreter
+'''
+
+
+@pytest.fixture(scope='module')
+def two_ranks(synthetic, tmp_path_factory):
+    """RANKS in two gloo processes, without and with a failure on rank 1: {mode: (results by
+    rank, samples.jsonl lines, the benchmark's first 12 image ids)}."""
+    from conftest import run_ranks
+    from evaluation import benchmarks
+    tmp = tmp_path_factory.mktemp('ranks')
+    files = benchmarks.write_synthetic(str(synthetic.parent), str(tmp / 'bench'))
+    images = synthetic.parent / 'images'
+    ids = [it['image_id'] for it in benchmarks.read_benchmark('coco', files['karpathy'], str(images), num=12)['items']]
+    out = {}
+    for mode in ('ok', 'fail'):
+        (tmp / mode).mkdir()
+        done = run_ranks(['-c', RANKS, mode, synthetic, tmp / mode, files['karpathy'], images], timeout=300)
+        for p in done:
+            assert p.returncode == 0, p.stderr[-3000:]
+        results = [json.loads(p.stdout.splitlines()[-1]) for p in done]
+        path = tmp / mode / 'samples.jsonl'
+        out[mode] = (results, path.read_text().splitlines() if path.exists() else [], ids)
+    return out
+
+
+def test_each_rank_captions_its_share(two_ranks, synthetic):
+    """Golden samples and benchmark images are split over the ranks, rank r taking items
+    r, r+2, ...: neither rank captions the other's share (or everything), and rank 0 gathers
+    all of them, in order."""
+    results, lines, ids = two_ranks['ok']
+    golden = [i for i in json.loads((synthetic / 'meta.json').read_text())['golden']]
+    assert [r['seen'] for r in results] == [golden[0::2], golden[1::2]]
+    assert [json.loads(ln)['id'] for ln in lines] == [f'golden/{i}' for i in golden]
+    assert [r['seen_bench'] for r in results] == [ids[0::2], ids[1::2]]
+    assert [r['bench'] for r in results] == [12, None]  # rank 0 scores all 12
+
+
+def test_an_error_on_one_rank_comes_back_to_all(two_ranks):
+    """A failure in rank 1's share is not swallowed there: every rank gets it, golden sampling
+    as the same warning on both (training goes on), a benchmark as the same error on both
+    (the caller's warning), and no rank waits in a collective for another."""
+    results, lines, _ = two_ranks['fail']
+    assert results[0]['lines'] == results[1]['lines'] and len(results[0]['lines']) == 1
+    assert 'golden-set sampling failed on rank 1' in results[0]['lines'][0] and 'rank 1 broke' in results[0]['lines'][0]
+    assert lines == []  # nothing half-written
+    assert results[0]['bench_error'] == results[1]['bench_error'] == 'rank 1: RuntimeError: rank 1 broke'

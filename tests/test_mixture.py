@@ -158,8 +158,8 @@ def test_batch_order_is_a_pure_function_of_seed_and_position():
     halves = [take(order(rank=r, world_size=2), 60) for r in range(2)]
     assert [halves[g % 2][g // 2] for g in range(120)] == single
     assert take(order(), 5) == single[:5]  # a new object: the same order
-    long = take(order(rank=1, world_size=2), 32770)
-    for start in (0, 7, 32766, 32768):  # global positions up to 65,537: both sides of the block edge
-        assert take(order(rank=1, world_size=2, start=start), 2) == long[start:start + 2]
+    long = take(order(rank=1, world_size=2), 32770)  # global positions 1, 3, ..., 65,539
+    for start in (0, 7, 8, 65533, 65536):  # both sides of the block edge; rank 1 from global position start on
+        assert take(order(rank=1, world_size=2, start=start), 2) == long[start // 2:start // 2 + 2]
     other_seed = data.BatchOrder([Lengths(48, 0), Lengths(36, 1)], [3.0, 1.0], 4, 12)
     assert take(other_seed, 20) != single[:20]

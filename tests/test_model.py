@@ -345,6 +345,93 @@ def test_a_compiled_run_stays_compiled(dataset, tiny):
     assert recompiles <= 1 and not limit_hit, recompiles
 
 
+def test_the_recompile_meter_reads_dynamo_own_count(dataset):
+    """vlm.recompiles() (on every log line) against what dynamo itself reports, each time it
+    compiles a function again: 1 for a training step (the two kinds of layer share a wrapper),
+    then more when a forward runs without grad outside the eager stance (a new guard)."""
+    import logging
+    records = []
+
+    class Count(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith('Recompiling function'):
+                records.append(record)
+    torch._dynamo.reset()
+    torch._logging.set_logs(recompiles=True)
+    handler = Count()
+    logging.getLogger('torch._dynamo').addHandler(handler)
+    try:
+        vlm, tok = build_tiny()
+        vlm.compile_blocks(backend='eager')
+        b = data.collate([dataset[i] for i in range(4)], pad_id=vlm.eos_id)
+        args = (b['images'], b['input_ids'], b['target_pos'], b['target_ids'])
+        vlm.train()(*args).backward()
+        assert vlm.recompiles() == (len(records), False) and len(records) >= 1
+        with torch.no_grad():
+            vlm.eval()(*args)
+        assert vlm.recompiles() == (len(records), False) and len(records) >= 2
+    finally:
+        logging.getLogger('torch._dynamo').removeHandler(handler)
+        torch._logging.set_logs()
+        torch._dynamo.reset()
+
+
+def test_compiled_connector_under_ddp_is_one_graph():
+    """compile_blocks turns off dynamo's DDP optimizer: it would split the connector's graph at
+    every gradient bucket of the DDP wrapper train.py puts around it (5 graphs at the default
+    sizes) for an overlap the connector cannot give (its gradients arrive at the end of the
+    backward). A one-rank gloo group, the default-size connector, a backend that counts graphs."""
+    import torch.distributed as dist
+    from conftest import free_port
+    graphs = []
+
+    def counting(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+    vlm, _ = build_tiny()
+    torch._dynamo.config.optimize_ddp = True  # as before any compile_blocks
+    vlm.compile_blocks(backend='eager')
+    connector = M.new_connector(M.MODEL_DEFAULTS, 1152, 4096, 0.02)
+    connector.compile(backend=counting, dynamic=True)
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{free_port()}', rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(connector)
+        ddp(torch.randn(2, 16, 1152)).sum().backward()
+    finally:
+        dist.destroy_process_group()
+        torch._dynamo.reset()
+    assert len(graphs) == 1
+
+
+def test_a_family_whose_logits_the_head_does_not_reproduce_is_stopped(monkeypatch):
+    """check_head compares the caption-only head (decoder + lm_logits) with the LLM's own
+    logits when a model is built: a family that changes its logits after the head in a way
+    lm_logits does not know (here: doubled) would train on a wrong loss, so building stops
+    with one line naming the family. One that lm_logits knows (soft-capping) builds."""
+    from transformers import Qwen3ForCausalLM
+    forward = Qwen3ForCausalLM.forward
+
+    def doubled(self, *a, **k):
+        out = forward(self, *a, **k)
+        out.logits = out.logits * 2
+        return out
+    monkeypatch.setattr(Qwen3ForCausalLM, 'forward', doubled)
+    with pytest.raises(UserError, match=r"LLM 'qwen3': its logits are not its output head's .*lm_logits") as e:
+        build_tiny()
+    assert '\n' not in str(e.value)
+    monkeypatch.setattr(Qwen3ForCausalLM, 'forward', forward)
+    llm = B.build_llm('tiny', vocab_size=64)
+    llm.config.final_logit_softcapping = 0.5  # Gemma 2's rule, applied by lm_logits too
+    cap = llm.forward
+
+    def capped(*a, **k):
+        out = cap(*a, **k)
+        out.logits = torch.tanh(out.logits / 0.5) * 0.5
+        return out
+    llm.forward = capped
+    M.check_head(llm)
+
+
 def test_autocast_wraps_the_connector_alone(dataset):
     """With bf16 backbones the connector's fp32 master weights run their matmuls in bf16 under
     autocast, and the frozen backbones run outside it (autocast would only add casts there:
@@ -533,6 +620,33 @@ def test_flops_per_batch_counts_what_runs():
         vlm.connector(vlm.encode_images(torch.from_numpy(rand_images(2, 48)))).sum().backward()
     assert flops.batch_flops(vlm, 2, [], 0) == pytest.approx(fc.get_total_flops(), rel=0.1)
     assert flops.batch_flops(vlm, 0, [16], 5) - flops.batch_flops(vlm, 0, [16], 4) == 2 * 2 * d * V
+
+
+def test_flops_of_long_sequences_count_attention():
+    """At the real run's lengths attention is a large part of the LLM's FLOPs. Against torch's
+    counter with eager attention (plain matmuls the counter sees; SDPA's CPU kernel it does
+    not), over sequences of 256 and 1024 tokens: the term linear in the length and the one in
+    its square, each on its own. The counter counts the full T x T score matrix; a causal
+    kernel does half of it, which is what MFU must count. The forward and both backward
+    matmuls of attention run (3x), the frozen weights' two (2x)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    tok = B.load_tokenizer('tiny')
+    vlm = M.build_vlm(TINY_ARGS, tok, attn_implementation='eager')
+    d = vlm.llm.config.hidden_size
+    counted = {}
+    for n in (256, 1024):
+        emb = torch.randn(1, n, d, requires_grad=True)
+        with FlopCounterMode(display=False) as fc:
+            vlm.llm.get_decoder()(inputs_embeds=emb, use_cache=False).last_hidden_state.sum().backward()
+        counted[n] = fc.get_total_flops()
+    square = (counted[1024] / 1024 - counted[256] / 256) / (1024 - 256)  # FLOPs per T^2, full matrix
+    linear = counted[256] / 256 - square * 256
+    for n in (256, 1024):
+        assert flops.batch_flops(vlm, 0, [n], 0) == pytest.approx(linear * n + square / 2 * n * n, rel=0.01)
+    assert square / 2 * 1024 ** 2 > 0.3 * flops.batch_flops(vlm, 0, [1024], 0)  # not a rounding error at 1024
+    # attention is per sample: two samples of 512 cost half the T^2 term of one of 1024
+    assert flops.batch_flops(vlm, 0, [512, 512], 0) == pytest.approx(linear * 1024 + square / 2 * 2 * 512 ** 2,
+                                                                     rel=0.01)
 
 
 def test_device_peaks_match_the_longest_name():

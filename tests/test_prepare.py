@@ -405,6 +405,40 @@ def test_caption_jsonl_absolute_paths_are_unsafe_by_default(caption_jsonl):
     assert meta['filters']['unsafe_path'] == 1 and meta['counts'] == {'records': 9, 'kept': 1}
     assert not P.safe_path('../x.jpg') and not P.safe_path('/etc/passwd') and P.safe_path('a/../x.jpg')
 
+def test_caption_jsonl_with_one_image_as_a_string(tmp_path):
+    """{"image": "a.jpg", "caption": ...}, the form many caption sets (and LLaVA's records) use
+    for one image, is read like {"images": ["a.jpg"]}; both keys at once, or a list under
+    "image", are refused and counted."""
+    for name, seed in (('a.jpg', 1), ('b.jpg', 2)):
+        (tmp_path / name).write_bytes(jpeg_bytes(noise_image(20, 20, seed)))
+    lines = [dict(image='a.jpg', caption='a red circle at the top left.'),
+             dict(image='b.jpg', caption='two green stars on the left.', id='x', extra=1),
+             dict(image='a.jpg', images=['b.jpg'], caption='a blue square at the top.'),
+             dict(image=['a.jpg'], caption='a blue square at the top.')]
+    (tmp_path / 'caps.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in lines))
+    meta = prepare_main('--json', tmp_path / 'caps.jsonl', '--tokenizer=tiny', '--workers=1', '--val_ratio=0')
+    assert meta['counts'] == {'records': 4, 'kept': 2}
+    assert (meta['filters']['malformed_keys'], meta['filters']['malformed_types']) == (1, 1)
+    _, arrays = load_prepared(tmp_path / 'prepared')
+    tok = tiny_tokenizer()
+    assert dict(prepared_samples(arrays)) == {('a.jpg',): tok('a red circle at the top left.')['input_ids'],
+                                              ('b.jpg',): tok('two green stars on the left.')['input_ids']}
+
+
+def test_when_no_record_survives_the_line_names_the_rule(tmp_path):
+    """The closing line names the rule that dropped the most records and what to change: for
+    malformed_keys the keys read and those of the first refused record."""
+    (tmp_path / 'a.jpg').write_bytes(jpeg_bytes(noise_image(20, 20, 1)))
+    (tmp_path / 'keys.jsonl').write_text(''.join(json.dumps(dict(img='a.jpg', text=f'a red circle number {k}.')) + '\n'
+                                                 for k in range(3)))
+    with pytest.raises(UserError) as e:
+        prepare_main('--json', tmp_path / 'keys.jsonl', '--tokenizer=tiny', '--workers=1')
+    assert '3 dropped as malformed_keys' in str(e.value) and '"caption"' in str(e.value) and '"image"' in str(e.value)
+    assert "the first refused one has ['img', 'text']" in str(e.value), str(e.value)
+    (tmp_path / 'long.jsonl').write_text(json.dumps(dict(image='a.jpg', caption='a red circle ' * 30)) + '\n')
+    with pytest.raises(UserError, match='1 dropped as too_long; check --max_tokens'):
+        prepare_main('--json', tmp_path / 'long.jsonl', '--tokenizer=tiny', '--workers=1')
+
 # -----------------------------------------------------------------------------
 # val split and golden set
 

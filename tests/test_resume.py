@@ -223,7 +223,7 @@ def test_mixture_logs_samples_and_val_loss_by_source(runs, synthetic, second):
     assert_exited_0(runs, 'D')
     log = read_log(runs['out']['D'])
     train = [r for r in log if 'loss' in r]
-    per_step = CFG['batch_size'] * CFG['gradient_accumulation_steps']
+    per_step = CFG['total_batch_size']
     assert all(set(r['samples_by_source']) == names and sum(r['samples_by_source'].values()) == per_step
                for r in train)
     totals = Counter()
@@ -241,12 +241,12 @@ def test_mixture_logs_samples_and_val_loss_by_source(runs, synthetic, second):
 
 
 def test_resume_with_other_data_settings_is_refused(runs, synthetic, second):
-    """batch_size, data_dir and gradient_accumulation_steps decide what the checkpoint's data
+    """batch_size, data_dir and total_batch_size decide what the checkpoint's data
     position means: each change is one line naming the key; the run folder is untouched."""
     assert_exited_0(runs, 'A')
     src = runs['out']['A']
     changes = {'batch_size': '--batch_size=8', 'data_dir': f'--data_dir={second}',
-               'gradient_accumulation_steps': '--gradient_accumulation_steps=2'}
+               'total_batch_size': '--total_batch_size=32'}
     dirs = {k: runs['tmp'] / f'refused-{k}' for k in changes}
     for d in dirs.values():
         shutil.copytree(src, d)

@@ -28,7 +28,7 @@ from conftest import (CFG, ENV, ROOT, assert_ok, assert_one_error_line, image_fo
 
 
 def test_ddp_two_processes(synthetic, tmp_path):
-    """2 ranks x batch_size 4 with gradient_accumulation_steps=4 (two micro-batches per rank
+    """2 ranks x batch_size 4 with total_batch_size=16 (two micro-batches per rank
     per step: the first without gradient sync, the last with it) sees exactly the data of one
     process with batch_size 4 and 4 accumulation steps: rank r takes global micro-batches r,
     r+2, ... and the single process takes 0, 1, 2, ... The single process averages the four
@@ -41,7 +41,7 @@ def test_ddp_two_processes(synthetic, tmp_path):
     the ranks (3 batches: 2 on rank 0, 1 on rank 1) and the sums all-reduced, so the val losses
     and the caption tokens they are measured on equal the single process's too."""
     common = ['--max_iters=4', '--eval_interval=4', '--log_interval=1', '--eval_iters=3', '--batch_size=4',
-              '--gradient_accumulation_steps=4', '--multi_image_frac=0.0']
+              '--total_batch_size=16', '--multi_image_frac=0.0']
     ddp_out, one_out = tmp_path / 'ddp', tmp_path / 'one'
     one = popen_script(train_args(synthetic, one_out, *common, '--eval_report_num=0'), tmp_path / 'one.txt')
     ddp = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
@@ -96,9 +96,9 @@ def test_gradient_accumulation_equals_one_big_batch(synthetic, tmp_path):
     common = ['--max_iters=3', '--eval_interval=3', '--log_interval=1', '--eval_iters=1', '--multi_image_frac=0.0',
               '--group_by_length=False', '--eval_report_num=0', '--sample_interval=0']
     big, small = tmp_path / 'big', tmp_path / 'small'
-    pa = popen_script(train_args(synthetic, big, '--batch_size=16', '--gradient_accumulation_steps=1', *common),
+    pa = popen_script(train_args(synthetic, big, '--batch_size=16', '--total_batch_size=16', *common),
                       tmp_path / 'big.txt')
-    assert_ok(run_script(train_args(synthetic, small, '--batch_size=8', '--gradient_accumulation_steps=2', *common)))
+    assert_ok(run_script(train_args(synthetic, small, '--batch_size=8', '--total_batch_size=16', *common)))
     assert pa.wait(300) == 0, (tmp_path / 'big.txt').read_text()[-2000:]
     la = [r['loss'] for r in read_log(big) if 'loss' in r]
     lb = [r['loss'] for r in read_log(small) if 'loss' in r]
@@ -149,7 +149,7 @@ def test_grad_clip_zero_means_no_clipping(synthetic, tmp_path):
 # the run's length, its last eval, the best checkpoint, what is decayed
 
 SHORT = ['--max_iters=-1', '--epochs=1.25', '--max_train_samples=64', '--batch_size=8',
-         '--gradient_accumulation_steps=2',
+         '--total_batch_size=16',
          '--eval_interval=2', '--log_interval=1', '--eval_iters=2', '--sample_interval=0', '--eval_report_num=0']
 
 
@@ -275,7 +275,7 @@ def test_log_rates_cover_every_step_and_leave_out_the_evals(synthetic, tmp_path)
     step as one that never pauses (counting only the steps after the pause would halve it,
     counting the pause would multiply it)."""
     common = ['--max_iters=24', '--log_interval=8', '--eval_iters=4', '--eval_report_num=0', '--batch_size=8',
-              '--gradient_accumulation_steps=1', '--multi_image_frac=0.0', '--group_by_length=False']
+              '--total_batch_size=8', '--multi_image_frac=0.0', '--group_by_length=False']
     done = run_forked({'pausing': train_args(synthetic, tmp_path / 'pausing', *common, '--eval_interval=4',
                                              '--sample_interval=4'),
                        'plain': train_args(synthetic, tmp_path / 'plain', *common, '--eval_interval=100',
@@ -288,6 +288,46 @@ def test_log_rates_cover_every_step_and_leave_out_the_evals(synthetic, tmp_path)
     ratio = sorted(a['dt_ms'] / b['dt_ms'] for a, b in zip(pausing, plain))[1]  # the median of the three
     assert 0.6 < ratio < 1.6, [(a['dt_ms'], b['dt_ms']) for a, b in zip(pausing, plain)]
     assert all(0 <= r['data_wait'] <= 1 for r in pausing + plain)
+
+
+SLOW_LOADER = """
+import time, data
+collate = data.collate
+def slow(*a, **k):  # every batch takes 80 ms more to make, in the main process (no workers)
+    time.sleep(0.08)
+    return collate(*a, **k)
+data.collate = slow
+"""
+
+
+def test_data_wait_tokens_and_eta_are_measured(synthetic, dataset, tmp_path):
+    """What the log line's figures are made of, against a run whose loader is made slow on
+    purpose (80 ms a batch, side by side with the same run at its own pace): `data` is the
+    share of the time spent waiting for batches, `tok/s` the real tokens of the step's batches
+    (counted here from the batch order) over the time, `eta` the time per step so far times the
+    steps left."""
+    common = ['--max_iters=12', '--log_interval=4', '--eval_interval=100', '--eval_iters=1', '--eval_report_num=0',
+              '--sample_interval=0', '--batch_size=8', '--total_batch_size=16', '--multi_image_frac=0.0']
+    done = run_forked({'slow': train_args(synthetic, tmp_path / 'slow', *common),
+                       'plain': train_args(synthetic, tmp_path / 'plain', *common)}, tmp_path,
+                      pre={'slow': SLOW_LOADER})
+    for p in done.values():
+        assert_ok(p)
+    slow, plain = ([r for r in read_log(tmp_path / k) if 'loss' in r] for k in ('slow', 'plain'))
+    for a, b in zip(slow, plain):
+        waited = 2 * 0.08 / (a['dt_ms'] / 1000)  # two batches a step
+        assert a['data_wait'] >= 0.9 * waited and a['data_wait'] > b['data_wait'] + 0.3, (a, b)
+        assert a['data_wait'] <= 1
+    # tokens: the real tokens of every batch of the steps since the line before
+    order = iter(data.BatchOrder([dataset], [1.0], 8, 1337))
+    mix = data.Mixture([dataset])
+    per_step = [sum(len(mix[item]['input_ids']) for _ in range(2) for item in next(order)) for _ in range(12)]
+    for r, start in zip(plain, (0, 4, 8)):
+        assert r['tokens_per_s'] * r['dt_ms'] * 4 / 1000 == pytest.approx(sum(per_step[start:start + 4]), rel=1e-6)
+        assert r['samples_per_s'] * r['dt_ms'] * 4 / 1000 == pytest.approx(4 * 16, rel=1e-6)
+    # eta: the time per step so far (the slow run's steps are slow) times the steps left
+    for r in slow:
+        assert r['eta_s'] == pytest.approx((12 - r['iter']) * r['dt_ms'] / 1000, rel=0.5, abs=0.05)
 
 
 def test_weight_decay_spares_norms_biases_latents_and_gains(short_run):
@@ -304,7 +344,8 @@ def test_weight_decay_spares_norms_biases_latents_and_gains(short_run):
 BAD_SETTINGS = {  # name: (overrides, what the line must name)
     'batch_size=-1': (['--batch_size=-1'], 'batch_size'),
     'batch_size=0': (['--batch_size=0'], 'batch_size'),
-    'gradient_accumulation_steps=0': (['--gradient_accumulation_steps=0'], 'gradient_accumulation_steps'),
+    'total_batch_size=0': (['--total_batch_size=0'], 'total_batch_size'),
+    'total_batch_size=20 (batch_size 16)': (['--total_batch_size=20'], 'multiple of batch_size'),
     'eval_interval=0': (['--eval_interval=0'], 'eval_interval'),
     'log_interval=0': (['--log_interval=0'], 'log_interval'),
     'lr=-1': (['--lr=-1'], 'learning_rate'),
@@ -335,14 +376,15 @@ BAD_SETTINGS = {  # name: (overrides, what the line must name)
 # A case that does not fail fast (a setting that is not checked) is stopped by SIGALRM after a minute.
 FORKED = r"""
 import atexit, json, os, runpy, signal, sys
-import data, model  # noqa: F401 (torch and transformers, imported once before the forks)
+import data, model, prepare_llava, sample  # noqa: F401 (torch and transformers, imported once before the forks)
 children = {}
-for name, (argv, log) in json.loads(sys.argv[1]).items():
+for name, (argv, log, pre) in json.loads(sys.argv[1]).items():
     pid = os.fork()
     if pid == 0:
         signal.alarm(int(sys.argv[2]))
         os.dup2(os.open(log + '.out', os.O_WRONLY | os.O_CREAT), 1)
         os.dup2(os.open(log + '.err', os.O_WRONLY | os.O_CREAT), 2)
+        exec(pre or '', {})  # a job's own setup (a fault to inject), in its own process
         sys.argv, code = argv, 0
         try:
             runpy.run_path(argv[0], run_name='__main__')
@@ -362,16 +404,18 @@ print(json.dumps({children[pid]: os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]
 """
 
 
-def run_forked(jobs, tmp, alarm=60):
-    """{name: train.py argv} run side by side as forks of one interpreter: {name: CompletedProcess}.
-    A job still running after `alarm` seconds is stopped (SIGALRM)."""
-    spec = {k: ([str(a) for a in argv], str(tmp / f'job{i}')) for i, (k, argv) in enumerate(jobs.items())}
+def run_forked(jobs, tmp, alarm=60, pre=None):
+    """{name: script argv} run side by side as forks of one interpreter: {name: CompletedProcess}.
+    A job still running after `alarm` seconds is stopped (SIGALRM). pre: {name: Python code the
+    job's process runs first}."""
+    spec = {k: ([str(a) for a in argv], str(tmp / f'job{i}'), (pre or {}).get(k))
+            for i, (k, argv) in enumerate(jobs.items())}
     p = run_script(['-c', FORKED, json.dumps(spec), str(alarm)], timeout=max(240, 2 * alarm))
     assert_ok(p)
     assert not p.stderr, p.stderr[-2000:]  # the imports alone print nothing (a real run would show it)
     codes = json.loads(p.stdout.splitlines()[-1])
     return {k: subprocess.CompletedProcess(argv, codes[k], open(log + '.out').read(), open(log + '.err').read())
-            for k, (argv, log) in spec.items()}
+            for k, (argv, log, _) in spec.items()}
 
 
 @pytest.fixture(scope='module')
@@ -429,9 +473,9 @@ LOG_EVERY, REPORT_NUM = 5, 8
 def damaged(synthetic, tmp_path_factory):
     """A copy of the synthetic images with 1 train image in 13 deleted or overwritten with junk,
     and one golden val image (among the first REPORT_NUM val samples) deleted. 20 steps, logged
-    every LOG_EVERY, golden samples every 5 and the final report; stopped by SIGTERM after the
-    first log line (so between two), then resumed. (first run, resumed run, out_dir, golden
-    index, the step the first run stopped at)."""
+    every LOG_EVERY, golden samples every 5, evals every 7 and the final report; stopped by
+    SIGTERM once the eval at step 7 is logged (so between two log lines), then resumed. (first
+    run, resumed run, out_dir, golden index, the step the first run stopped at)."""
     tmp = tmp_path_factory.mktemp('damaged')
     images = tmp / 'images'
     shutil.copytree(image_folder(synthetic), images)
@@ -446,12 +490,13 @@ def damaged(synthetic, tmp_path_factory):
     (images / paths[int(arrays['val_index.npy'][golden, 2])]).unlink()
     out = tmp / 'out'
     args = train_args(synthetic, out, f'--image_root={images}', f'--log_interval={LOG_EVERY}', '--max_iters=20',
-                      '--eval_interval=10', '--eval_iters=2', '--sample_interval=5', '--eval_max_new_tokens=8',
+                      '--eval_interval=7', '--eval_iters=2', '--sample_interval=5', '--eval_max_new_tokens=8',
                       f'--eval_report_num={REPORT_NUM}')
     p = popen_script(args, tmp / 'first.txt')
     try:
         t0 = time.time()
-        while p.poll() is None and not any('loss' in r for r in read_log(out)) and time.time() - t0 < 240:
+        while p.poll() is None and not any(r.get('iter') == 7 and 'val_loss' in r for r in read_log(out)) and \
+                time.time() - t0 < 240:
             time.sleep(0.01)
         p.send_signal(signal.SIGTERM)
         p.wait(120)
