@@ -237,8 +237,13 @@ def caught(fn):
 def on_all_ranks(fn):
     """fn() on this rank, then [(result, error)] of every rank, in rank order (caught): a
     failure on one rank comes back to every rank as its error instead of leaving the others in
-    a collective. Every rank must call it."""
-    return all_gather(caught(fn))
+    a collective, and a stop asked for on any rank raises Stopped on every rank. Every rank
+    must call it."""
+    parts = all_gather(caught(fn))
+    stopped = next((r for r, (_, e) in enumerate(parts) if e == Stopped.__name__), None)
+    if stopped is not None:
+        raise Stopped(f'stopped on rank {stopped}')
+    return parts
 
 
 def ranks_ok(error):
@@ -288,8 +293,6 @@ def sample_golden(vlm, tok, ds, golden, path, iter_num, max_new_tokens, batch_si
                 for r in rows], skipped
     parts = on_all_ranks(lambda: caption([i for i in golden if i < len(ds)][rank::world_size]))
     error = first_error(parts)
-    if error and error[1] == Stopped.__name__:
-        raise Stopped(f'golden-set sampling stopped on rank {error[0]}')
     if error:
         where = f' on rank {error[0]}' if world_size > 1 else ''
         return [f'  warning: golden-set sampling failed{where} at iter {iter_num} ({first_line(error[1])}); '
