@@ -549,12 +549,12 @@ def no_survivor(path, counts, refused, source):
     """The closing line when every record was dropped: the rule that dropped the most, and
     what to change for it."""
     rule, n = max(counts.items(), key=lambda kv: kv[1])
-    why = {'malformed_keys': lambda: 'the records need ' + (JSONL_KEYS if source == 'jsonl' else
-                                                              '"image" and "conversations"') +
-           (f'; the first refused one has {refused[0]}' if refused else ''),
-           'missing_image': lambda: 'check the images path (--images)',
-           'too_short': lambda: 'check --min_tokens', 'too_long': lambda: 'check --max_tokens'}
-    hint = why.get(rule, lambda: 'see docs/data.md for what each rule drops')()
+    hint = {'malformed_keys': 'the records need ' + (JSONL_KEYS if source == 'jsonl' else
+                                                      '"image" and "conversations"') +
+            (f'; the first refused one has {refused[0]}' if refused else ''),
+            'missing_image': 'check the images path (--images)',
+            'too_short': 'check --min_tokens', 'too_long': 'check --max_tokens'
+            }.get(rule, 'see docs/data.md for what each rule drops')
     return f'no sample of {path} survived the filters (table above): {n:,} dropped as {rule}; {hint}'
 
 

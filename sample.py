@@ -82,7 +82,7 @@ def parse_args(argv):
             raise UserError(f'--{key} must be >= 1, got {getattr(args, key)}')
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.num < 0:
         raise UserError('need --temperature >= 0, 0 < --top_p <= 1 and --num >= 0')
-    for key in ('out', 'export', 'export_hf'):  # a folder to write in, checked before the model loads
+    for key in ('out', 'export'):  # a folder to write in, checked before the model loads (export_hf checks its own)
         if getattr(args, key):
             check_out_dir(getattr(args, key), f'--{key}')
     return args

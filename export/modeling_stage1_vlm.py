@@ -50,6 +50,9 @@ class Stage1VLMModel(Stage1VLMPreTrainedModel):
         self.vision_tower = truncate_vision(AutoModel.from_config(config.vision_config), config.vision_feature_layer)
         self.connector = Connector(**config.connector)
         self.language_model = AutoModel.from_config(config.text_config)
+        # what the LLM calls its KV cache argument (`cache` from transformers 5.24), read once
+        self.cache_arg = 'cache' if 'cache' in inspect.signature(self.language_model.forward).parameters \
+            else 'past_key_values'
         self.post_init()
 
     def get_input_embeddings(self):
@@ -85,9 +88,7 @@ class Stage1VLMModel(Stage1VLMPreTrainedModel):
             inputs_embeds = inputs_embeds.masked_scatter(slots.unsqueeze(-1), image.to(inputs_embeds.dtype))
         cache = cache if cache is not None else past_key_values
         if cache is not None:
-            key = 'cache' if 'cache' in inspect.signature(type(self.language_model).forward).parameters \
-                else 'past_key_values'
-            kwargs[key] = cache
+            kwargs[self.cache_arg] = cache
         return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                    position_ids=position_ids, use_cache=use_cache, **kwargs)
 
