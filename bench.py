@@ -445,18 +445,10 @@ def bench_align(args):
 
 
 def bench_stage2(args):
-    """What stage 1 buys stage 2. From the SmolLM2 demo's stage-1 checkpoint, and (the control)
-    from the same backbones with a freshly initialised connector: export both with
-    sample.py --export_hf, run the same short stage 2 on each with TRL's SFTTrainer (LoRA on the
-    LLM, the connector trainable) on instruction rows made from the demo's training images
-    (describe / what / colour / count), then score stage 1 alone and both stage-2 arms on the
-    held-out images: CIDEr-D of "describe", strict and lenient QA accuracy by question kind
-    (evaluation/metrics.py). Prints the table, the loss curves (stage2_loss.png) and one val
-    image's caption and answers from each."""
-    import torch
-
-    from evaluation import evaluate, metrics, report
-    from export import hf, stage2 as S
+    """What stage 1 buys stage 2 (export/stage2.py's compare): from the SmolLM2 demo's stage-1
+    checkpoint and, the control, from an untrained connector, the same short stage 2 with TRL
+    (LoRA + the connector), both scored with evaluation/metrics.py on the held-out images."""
+    from export import stage2 as S
     S.require_trl()
     prepared = args.data_dir if args.data_dir != 'data/synthetic/prepared' else 'data/synthetic_smollm2/prepared'
     ckpt = args.ckpt or 'out-smollm2/ckpt.pt'
@@ -464,57 +456,8 @@ def bench_stage2(args):
         raise UserError(f'no stage-1 checkpoint at {ckpt}: make the SmolLM2 demo\'s (about 45 min on 2 cores) with '
                         f'`python prepare_llava.py --synthetic=4000 --llm=smollm2 && python train.py '
                         f'config/stage1_smollm2.py`, or give --ckpt (and --data_dir, its prepared data)')
-    out = os.path.join(args.out_dir, 'stage2')
-    os.makedirs(out, exist_ok=True)
-    steps, batch = args.steps, args.batch_size or 8
-    rows = S.instruction_rows(S.scenes(prepared, 'train'))
-    val = S.scenes(prepared, 'val', args.n or 100)
-    qa = evaluate.read_qa(os.path.join(os.path.dirname(os.path.abspath(prepared)), 'qa.jsonl'))
-    print(f'stage 2: {len(rows):,} instruction rows ({steps} steps of {batch} = {steps * batch / len(rows):.2f} '
-          f'epochs); scored on {len(val)} val images (describe) and {len(qa)} QA questions', flush=True)
-    arms, curves, times, answers = {}, {}, {}, {}
-    sources = dict(stage1=ckpt, untrained=S.untrained_checkpoint(ckpt, os.path.join(out, 'untrained.pt')))
-    example = val[0][0]
-    example_qs = [S.DESCRIBE] + [r['question'] for r in qa if r['image'] == example][:3]
-    for name, source in sources.items():
-        folder = os.path.join(out, f'export-{name}')
-        hf.export_hf(source, folder, dtype=torch.float32, force=True)
-        if name == 'stage1':  # stage 1 alone: the export as it is
-            model, processor = S.load(folder)
-            arms['stage 1 only'], _ = S.evaluate_model(model, processor, val, qa)
-            answers['stage 1 only'] = S.generate(model, processor, [(example, q) for q in example_qs])
-        t0 = time.time()
-        model, processor, curves[name] = S.sft(folder, rows, os.path.join(out, f'adapter-{name}'), steps, batch,
-                                               args.lr, log_every=max(1, steps // 50))
-        times[name] = time.time() - t0
-        label = f'stage 2 from {"stage 1" if name == "stage1" else "an untrained connector"}'
-        arms[label], _ = S.evaluate_model(model, processor, val, qa)
-        answers[label] = S.generate(model, processor, [(example, q) for q in example_qs])
-        print(f'{label}: {steps} steps in {times[name] / 60:.1f} min, last loss {curves[name][-1][1]:.3f}', flush=True)
-    kinds = sorted({k for m in arms.values() for k in m['qa_by_kind']})
-    table = ['| | ' + ' | '.join(arms) + ' |', '|---' * (len(arms) + 1) + '|']
-    fmt = lambda x: metrics.fmt(x, 3)  # noqa: E731
-    table.append('| CIDEr-D (describe) | ' + ' | '.join(fmt(m['cider_d']) for m in arms.values()) + ' |')
-    table.append('| QA accuracy, strict | ' + ' | '.join(fmt(m['qa_accuracy']) for m in arms.values()) + ' |')
-    table.append('| QA accuracy, lenient | ' + ' | '.join(fmt(m['qa_contains_lenient']) for m in arms.values()) + ' |')
-    for k in kinds:
-        table.append(f'| {k}: strict / lenient | ' + ' | '.join(f"{fmt(m['qa_by_kind'].get(k))} / "
-                                                               f"{fmt(m['qa_lenient_by_kind'].get(k))}"
-                                                               for m in arms.values()) + ' |')
-    print('\n' + '\n'.join(table))
-    print(f'\n{example}: (reference: {val[0][1]!r})')
-    for label, said in answers.items():
-        print(f'  {label}: ' + ' | '.join(f'{q} -> {a!r}' for q, a in zip(example_qs, said)))
-    records = [{'iter': s, 'from_stage1': v} for s, v in curves['stage1']] + \
-        [{'iter': s, 'from_untrained': v} for s, v in curves['untrained']]
-    plot = os.path.join(out, 'stage2_loss.png')
-    report.plot_losses(records, plot, plotted=[('from_stage1', 'stage 2 from stage 1', (31, 119, 180)),
-                                               ('from_untrained', 'from an untrained connector', (214, 39, 40))])
-    with open(os.path.join(out, 'stage2.json'), 'w') as f:
-        json.dump(dict(arms=arms, curves=curves, minutes={k: v / 60 for k, v in times.items()}, steps=steps,
-                       batch_size=batch, rows=len(rows), example=dict(image=example, questions=example_qs,
-                                                                      answers=answers)), f, indent=2, default=float)
-    print(f'\nloss curves: {plot}; numbers: {os.path.join(out, "stage2.json")}')
+    S.compare(ckpt, prepared, os.path.join(args.out_dir, 'stage2'), args.steps, args.batch_size or 8, args.lr,
+              args.n or 100)
 
 
 def _anon_mib():

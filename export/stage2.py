@@ -2,7 +2,7 @@
 Stage 2 from the transformers export, with TRL: instruction rows made from the synthetic demo
 data, SFTTrainer with LoRA on the LLM and the connector trainable in full, and the evaluation
 of an exported or fine-tuned model with the project's metrics (evaluation/metrics.py), through
-a generate function. `python bench.py stage2` runs it from a stage-1 checkpoint and from an
+a generate function. `compare` (`python bench.py stage2`) runs it from a stage-1 checkpoint and an
 untrained connector side by side; docs/stage2.md says how to start stage 2 on other data.
 trl and peft are optional packages: only this file imports them.
 """
@@ -146,3 +146,64 @@ def untrained_checkpoint(ckpt_path, out_path, seed=1337):
                out_path)
     return out_path
 
+
+def compare(ckpt, prepared, out, steps, batch, lr, n_val=100):
+    """`bench.py stage2`: stage 1 alone, then the same stage 2 from the stage-1 checkpoint and
+    from the same backbones with a freshly initialised connector, each exported with export_hf
+    and fine-tuned with sft; scored on n_val val images (describe) and the QA set. Prints the
+    table and one val image's answers from each; writes the loss curves (stage2_loss.png) and
+    the numbers (stage2.json) to out."""
+    import json
+    import time
+
+    from evaluation import evaluate, report
+    from export import hf
+    os.makedirs(out, exist_ok=True)
+    rows = instruction_rows(scenes(prepared, 'train'))
+    val = scenes(prepared, 'val', n_val)
+    qa = evaluate.read_qa(os.path.join(os.path.dirname(os.path.abspath(prepared)), 'qa.jsonl'))
+    print(f'stage 2: {len(rows):,} instruction rows ({steps} steps of {batch} = {steps * batch / len(rows):.2f} '
+          f'epochs); scored on {len(val)} val images (describe) and {len(qa)} QA questions', flush=True)
+    arms, curves, times, answers = {}, {}, {}, {}
+    sources = dict(stage1=ckpt, untrained=untrained_checkpoint(ckpt, os.path.join(out, 'untrained.pt')))
+    example = val[0][0]
+    example_qs = [DESCRIBE] + [r['question'] for r in qa if r['image'] == example][:3]
+    for name, source in sources.items():
+        folder = os.path.join(out, f'export-{name}')
+        hf.export_hf(source, folder, dtype=torch.float32, force=True)
+        if name == 'stage1':  # stage 1 alone: the export as it is
+            model, processor = load(folder)
+            arms['stage 1 only'], _ = evaluate_model(model, processor, val, qa)
+            answers['stage 1 only'] = generate(model, processor, [(example, q) for q in example_qs])
+        t0 = time.time()
+        model, processor, curves[name] = sft(folder, rows, os.path.join(out, f'adapter-{name}'), steps, batch, lr,
+                                             log_every=max(1, steps // 50))
+        times[name] = time.time() - t0
+        label = f'stage 2 from {"stage 1" if name == "stage1" else "an untrained connector"}'
+        arms[label], _ = evaluate_model(model, processor, val, qa)
+        answers[label] = generate(model, processor, [(example, q) for q in example_qs])
+        print(f'{label}: {steps} steps in {times[name] / 60:.1f} min, last loss {curves[name][-1][1]:.3f}', flush=True)
+    kinds = sorted({k for m in arms.values() for k in m['qa_by_kind']})
+    table = ['| | ' + ' | '.join(arms) + ' |', '|---' * (len(arms) + 1) + '|']
+    fmt = lambda x: metrics.fmt(x, 3)  # noqa: E731
+    table.append('| CIDEr-D (describe) | ' + ' | '.join(fmt(m['cider_d']) for m in arms.values()) + ' |')
+    table.append('| QA accuracy, strict | ' + ' | '.join(fmt(m['qa_accuracy']) for m in arms.values()) + ' |')
+    table.append('| QA accuracy, lenient | ' + ' | '.join(fmt(m['qa_contains_lenient']) for m in arms.values()) + ' |')
+    for k in kinds:
+        table.append(f'| {k}: strict / lenient | ' + ' | '.join(f"{fmt(m['qa_by_kind'].get(k))} / "
+                                                               f"{fmt(m['qa_lenient_by_kind'].get(k))}"
+                                                               for m in arms.values()) + ' |')
+    print('\n' + '\n'.join(table))
+    print(f'\n{example}: (reference: {val[0][1]!r})')
+    for label, said in answers.items():
+        print(f'  {label}: ' + ' | '.join(f'{q} -> {a!r}' for q, a in zip(example_qs, said)))
+    records = [{'iter': s, 'from_stage1': v} for s, v in curves['stage1']] + \
+        [{'iter': s, 'from_untrained': v} for s, v in curves['untrained']]
+    plot = os.path.join(out, 'stage2_loss.png')
+    report.plot_losses(records, plot, plotted=[('from_stage1', 'stage 2 from stage 1', (31, 119, 180)),
+                                               ('from_untrained', 'from an untrained connector', (214, 39, 40))])
+    with open(os.path.join(out, 'stage2.json'), 'w') as f:
+        json.dump(dict(arms=arms, curves=curves, minutes={k: v / 60 for k, v in times.items()}, steps=steps,
+                       batch_size=batch, rows=len(rows), example=dict(image=example, questions=example_qs,
+                                                                      answers=answers)), f, indent=2, default=float)
+    print(f'\nloss curves: {plot}; numbers: {os.path.join(out, "stage2.json")}')
