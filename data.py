@@ -425,14 +425,15 @@ class BatchOrder:
             g += 1
 
 
-_LOADERS = []  # loaders with workers, stopped at exit by _stop_workers
+_LOADERS = []  # loaders with workers, stopped at exit by stop_workers
 
 
 @atexit.register
-def _stop_workers():
+def stop_workers():
     """Stop loader workers before multiprocessing's own exit handler does: it stops them with
     SIGTERM, which they ignore (below), and would then wait for them forever. Registered after
-    multiprocessing's handler (torch imports it first), so it runs before it."""
+    multiprocessing's handler (torch imports it first), so it runs before it; a DDP rank that
+    leaves without exit handlers (configurator.leave) calls it itself."""
     for loader in _LOADERS:
         it = getattr(loader, '_iterator', None)
         if it is not None:

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import data
 import model as M
 from configurator import (UserError, atomic_copy, atomic_torch_save, atomic_write_text, check_out_dir, configure,
-                          first_line, one_line_errors, os_errors, require, resolve_device)
+                          first_line, leave, one_line_errors, os_errors, require, resolve_device)
 from evaluation import benchmarks, evaluate, report
 from gpu import flops
 from sources import backbones as B
@@ -491,12 +491,9 @@ def settle_nonfinite():
                   f'iter {it}: non-finite loss/grad, step skipped ({consecutive_nonfinite} in a row)')
         if consecutive_nonfinite >= max_nonfinite:
             checkpoint_all_ranks(os.path.join(out_dir, 'ckpt_last_good.pt'))
-            # the same decision on every rank (the grad norm is all-reduced): rank 0 says it
-            if not master:
-                sys.exit(1)
-            require(False, f'{consecutive_nonfinite} non-finite steps in a row at iter {it}; stopped. The last good '
-                           f'connector is in {out_dir}/ckpt_last_good.pt: lower learning_rate or check the data, '
-                           f'then resume')
+            # the same decision on every rank (the grad norm is all-reduced): every rank stops
+            ranks_ok(f'{consecutive_nonfinite} non-finite steps in a row at iter {it}; stopped. The last good '
+                     f'connector is in {out_dir}/ckpt_last_good.pt: lower learning_rate or check the data, then resume')
 
 
 peak = flops.peak_bf16(torch.cuda.get_device_name(device)) if device.type == 'cuda' else None  # for MFU
@@ -645,3 +642,11 @@ if master and eval_report_num and iter_num >= max_iters and not stopping:
     except Exception as e:
         log(f'warning: the final report failed ({type(e).__name__}: {first_line(e)}); the checkpoint is saved - '
             f'run `python sample.py --ckpt {ckpt_path} --eval` to write it')
+
+# a DDP rank leaves without the interpreter's teardown, in which torch's gloo threads can abort
+# the process after its work is done (configurator.leave); so no exit handler runs
+if ddp:
+    if master and wandb_log:
+        wandb.finish()
+    data.stop_workers()
+    leave(0)

@@ -16,6 +16,7 @@ import io
 import json
 import math
 import os
+import sys
 import time
 import traceback
 
@@ -24,7 +25,7 @@ import torch
 
 import data
 import model as M
-from configurator import UserError, atomic_write_text, error_line, first_line
+from configurator import UserError, atomic_write_text, error_line, first_line, leave
 from evaluation import metrics, report
 from sources.images import load_image
 
@@ -249,8 +250,8 @@ def on_all_ranks(fn):
 def ranks_ok(error):
     """Collective (DDP): every rank says whether it failed (error: its one line, or None). When
     any did, every rank stops here, together, instead of leaving the others waiting in a
-    collective: rank 0 with the failing rank's line, the others quietly (their exit code says
-    it). Without DDP, an error is raised as it is."""
+    collective: rank 0 says the failing rank's line, the others stay quiet (their exit code
+    says it); every rank exits 1 (leave). Without DDP, an error is raised as it is."""
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()):
         if error:
@@ -258,11 +259,10 @@ def ranks_ok(error):
         return
     failed = first_error([(None, e) for e in all_gather(error)])
     if failed:
-        rank = dist.get_rank()
+        if dist.get_rank() == 0:
+            print(f'error: rank {failed[0]}: {failed[1]}', file=sys.stderr)
         dist.destroy_process_group()
-        if rank == 0:
-            raise UserError(f'rank {failed[0]}: {failed[1]}')
-        raise SystemExit(1)
+        leave(1)
 
 
 def agreed(fn):

@@ -32,7 +32,7 @@ import time
 
 import numpy as np
 
-from configurator import UserError, atomic_write_text
+from configurator import UserError, atomic_write_text, leave
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # each part's share of the budget, in order; time a part does not use goes to the later ones
@@ -327,8 +327,7 @@ def profile_child(args):
     wall_ms = (marks[args.warm + 3] - marks[args.warm + 1]) * 1000
     atomic_write_text(os.path.join(args.out_dir, 'profile.json'), json.dumps(dict(
         profile=ops, profile_total_ms=total_ms, profile_wall_ms=wall_ms, attention_kernel=kernel)))
-    sys.stdout.flush()
-    os._exit(0)  # all is written: the loader workers' exit handlers must not hold a lent card (seen on torch 2.11)
+    leave(0)  # all is written: the loader workers' exit handlers must not hold a lent card (seen on torch 2.11)
 
 
 def top_ops(prof, device, n=15):

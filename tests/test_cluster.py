@@ -235,6 +235,19 @@ def test_a_rank_that_cannot_read_the_benchmark_stops_every_rank(synthetic, tmp_p
     assert 'Traceback' not in done[0].stderr + done[1].stderr
     assert not out.exists()
 
+
+def test_nonfinite_steps_stop_every_rank_with_one_line(synthetic, tmp_path):
+    """The same decision on every rank (the gradient is all-reduced): all write the last good
+    checkpoint together and exit 1, rank 0 with the one line, rank 1 quietly."""
+    out = tmp_path / 'nf'
+    done = run_ranks(train_args(synthetic, out, '--learning_rate=1e30', '--max_nonfinite=2', '--max_iters=20',
+                                '--log_interval=1', '--eval_interval=100', '--eval_report_num=0', '--batch_size=4',
+                                '--total_batch_size=8'), timeout=240)
+    assert [p.returncode for p in done] == [1, 1], [p.stderr[-1000:] for p in done]
+    assert_one_error_line(done[0], 'non-finite steps in a row', 'ckpt_last_good.pt')
+    assert not done[1].stderr.strip(), done[1].stderr[-2000:]
+    assert torch.load(out / 'ckpt_last_good.pt', weights_only=True)['nonfinite_total'] == 2
+
 # -----------------------------------------------------------------------------
 # compile under DDP; any number of ranks
 

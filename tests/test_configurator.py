@@ -7,12 +7,15 @@ $ python -m pytest -q tests/test_configurator.py
 """
 import errno
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import configurator
 from configurator import UserError, atomic_torch_save, atomic_write, atomic_write_bytes, first_line
+from conftest import ROOT
 
 
 def defaults():
@@ -207,3 +210,12 @@ def test_an_out_dir_that_cannot_be_a_folder_is_one_line(tmp_path):
         assert '\n' not in str(e.value)
     configurator.check_out_dir(str(tmp_path / 'new' / 'run'))  # to be made: fine
     configurator.check_out_dir(str(tmp_path))
+
+
+def test_leave_flushes_and_exits_without_the_teardown():
+    """A DDP rank ends through leave(): its output so far is out (no newline needed), the exit
+    code is the one given, and no exit handler (the teardown that aborts) runs."""
+    code = ("import atexit, sys, configurator; atexit.register(print, 'teardown'); print('work', end=''); "
+            "print('note', end='', file=sys.stderr); configurator.leave(3)")
+    p = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert (p.returncode, p.stdout, p.stderr) == (3, 'work', 'note')

@@ -210,7 +210,7 @@ RANKS = r'''
 import json, os, sys
 import torch
 import torch.distributed as dist
-import data
+import configurator, data
 from evaluation import benchmarks, evaluate
 from conftest import build_tiny, tiny_builder
 mode, prepared_dir, out_dir, ann, images = sys.argv[1:6]
@@ -248,12 +248,8 @@ try:
 except Exception as e:
     bench, error = None, f'Stopped: {e}' if isinstance(e, evaluate.Stopped) else str(e)
 print(json.dumps(dict(rank=rank, seen=seen, lines=lines, seen_bench=seen_bench, bench=bench, bench_error=error)))
-dist.destroy_process_group()  # gloo's threads must not outlive the interpreter
-# the results are out: leave without the interpreter's finalisation, in which torch aborts now and
-# then after gloo was used ('terminate called without an active exception', no Python frame on
-# the stack; about one run in ten of this script, with or without a barrier first)
-sys.stdout.flush()
-os._exit(0)
+dist.destroy_process_group()
+configurator.leave(0)  # as train.py's ranks leave: torch's teardown after gloo aborts now and then
 '''
 
 
