@@ -122,6 +122,12 @@ ddp = int(os.environ.get('RANK', -1)) != -1
 if ddp:
     backend = 'nccl' if torch.cuda.is_available() and device != 'cpu' else 'gloo'
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=ddp_timeout))
+    if sys.version_info < (3, 12):
+        # CPython before 3.12 can fork a loader worker while a torch thread holds the lock of the
+        # interpreter's thread states (taken to let go of a finished collective's tensors): that
+        # worker then hangs before its first line, and the run with it. Before each fork, the
+        # GIL is let go long enough for those threads to finish.
+        os.register_at_fork(before=lambda: time.sleep(0.05))
     rank, local_rank, world_size = dist.get_rank(), int(os.environ['LOCAL_RANK']), dist.get_world_size()
     if backend == 'nccl':
         device = f'cuda:{local_rank}'
