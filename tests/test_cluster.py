@@ -41,7 +41,12 @@ def finish(p, timeout=300):
     if not hasattr(p, 'log'):
         out, err = p.communicate(timeout=timeout)
         return subprocess.CompletedProcess(p.args, p.returncode, out, err)
-    p.wait(timeout)
+    try:
+        p.wait(timeout)
+    except subprocess.TimeoutExpired:  # a hung job must not run on beside the next tests
+        for pid in job_pids(p):
+            os.kill(pid, signal.SIGKILL)
+        raise
     p.log.seek(0)
     out = p.log.read()
     p.log.close()
